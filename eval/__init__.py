@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation protocols: retrieval metrics, probes, invariance, speed, reports."""

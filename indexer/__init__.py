@@ -1,0 +1,1 @@
+"""The vector store: FAISS (+ GPU search copy) and a transactional SQLite catalog."""
