@@ -1,0 +1,223 @@
+"""`lorasearch` command line: every command is a thin wrapper over lorasearch.api.
+
+Results go to stdout, progress and logs to stderr. ``--json`` prints one versioned object.
+Exit codes: 0 ok (also "no results"), 2 usage, 65 bad input file, 66 missing file/index,
+69 backend or GPU unavailable, 75 index locked.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from lorasearch import __version__
+from lorasearch.errors import EXIT_BAD_INPUT, EXIT_MISSING, LorasearchError
+
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
+
+
+class _Group(click.Group):
+    """Maps lorasearch errors to one line on stderr and the documented exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LorasearchError as e:
+            click.echo(f"lorasearch: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("lorasearch: interrupted", err=True)
+            sys.exit(130)
+
+
+def _emit(obj: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
+    else:
+        click.echo(text)
+
+
+def _open(ctx, create=False, readonly=False, encoder=None):
+    from lorasearch.api import Lorasearch
+
+    return Lorasearch(ctx.obj["index"], encoder=encoder, device=ctx.obj["device"],
+                      create=create, readonly=readonly)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lorasearch")
+@click.option("--index", "index_path", type=click.Path(path_type=Path), envvar="LORASEARCH_INDEX",
+              default=Path(".lorasearch"), show_default=True, help="Index folder (or $LORASEARCH_INDEX).")
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
+              help="Where canonicalization and search run.")
+@click.pass_context
+def cli(ctx, index_path, device):
+    """Search LoRA adapters by what their weights do."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(index=index_path, device=device)
+
+
+def _report_errors(report) -> None:
+    for _path, msg in report.errors:
+        click.echo(f"lorasearch: skipped {msg}", err=True)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
+@click.option("--prune", is_flag=True, help="Also remove indexed adapters under DIR that no longer exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def index(ctx, directory, encoder, prune, as_json):
+    """Index every adapter under DIRECTORY (recursive, incremental)."""
+    ls = _open(ctx, create=True, encoder=encoder)
+    report = ls.index_dir(directory, prune=prune)
+    _report_errors(report)
+    _emit(report.as_dict(), as_json, f"{report.summary()} -> {ls.path}")
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def add(ctx, files, encoder, as_json):
+    """Add (or refresh) adapter files or PEFT folders."""
+    ls = _open(ctx, create=True, encoder=encoder)
+    report = ls.add(files)
+    _report_errors(report)
+    _emit(report.as_dict(), as_json, report.summary())
+    if report.errors:
+        missing = all("no such file" in m for _p, m in report.errors)
+        sys.exit(EXIT_MISSING if missing else EXIT_BAD_INPUT)
+
+
+@cli.command()
+@click.argument("items", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def remove(ctx, items, as_json):
+    """Remove adapters by id or path."""
+    ls = _open(ctx)
+    removed, missing = ls.remove(items)
+    for m in missing:
+        click.echo(f"lorasearch: not in index: {m}", err=True)
+    _emit({"version": 1, "removed": removed, "not_found": missing}, as_json,
+          f"{len(removed)} removed, {len(missing)} not found")
+    if missing:
+        sys.exit(EXIT_MISSING)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True)
+@click.option("--threshold", type=float, default=None, help="Drop results scoring below this cosine.")
+@click.option("--encoder", default=None, help="Must match the index's encoder.")
+@click.option("--rerank", type=click.IntRange(0, 10000), default=None,
+              help="Candidates re-scored by exact ΔW cosine (default max(2k, 20); 0 = off).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def query(ctx, file, k, threshold, encoder, rerank, as_json):
+    """The K indexed adapters most similar to FILE."""
+    ls = _open(ctx, readonly=True, encoder=encoder)
+    res = ls.query(file, k=k, threshold=threshold, rerank=rerank)
+    lines = [f"query {res['query']['path']}  family={res['query']['family']}  encoder={res['query']['encoder']}"]
+    if not res["results"]:
+        lines.append("no results")
+    for r in res["results"]:
+        lines.append(f"{r['rank']:>3}  {r['score']:.4f}  {r['match']:<11}  #{r['id']:<6} {r['path']}")
+    _emit(res, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between scans.")
+@click.option("--encoder", default=None)
+@click.option("--no-prune", is_flag=True, help="Keep indexed adapters whose files disappear.")
+@click.pass_context
+def watch(ctx, directory, interval, encoder, no_prune):
+    """Index adapters under DIRECTORY as they appear, change or disappear (Ctrl-C stops)."""
+    ls = _open(ctx, create=True, encoder=encoder)
+    first = ls.index_dir(directory, prune=not no_prune)
+    _report_errors(first)
+    click.echo(f"watching {directory}: {first.summary()}", err=True)
+
+    def show(report):
+        _report_errors(report)
+        for p in report.added + report.updated:
+            click.echo(f"indexed {p}")
+        for p in report.removed:
+            click.echo(f"removed {p}")
+
+    ls.watch(directory, interval=interval, prune=not no_prune, on_report=show)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def info(file, as_json):
+    """Format, family, modules, ranks, alpha, metadata and trigger words of an adapter."""
+    from lorasearch.adapters import describe, load_adapter
+    from lorasearch.errors import MissingError
+
+    if not file.exists():
+        raise MissingError(f"{file}: no such file or directory")
+    d = describe(load_adapter(file))
+    d = {"version": 1, **d}
+    _emit(d, as_json, _format_info(d))
+
+
+def _format_info(d: dict) -> str:
+    lines = [f"{k}: {d[k]}" for k in ("path", "format", "family", "sha256", "size", "n_modules") if k in d]
+    for key in ("ranks", "alphas", "trigger_words", "unknown_keys", "warnings"):
+        if d.get(key):
+            lines.append(f"{key}: {d[key]}")
+    meta = d.get("metadata") or {}
+    if meta:
+        lines.append("metadata:")
+        lines += [f"  {k}: {str(v)[:120]}" for k, v in meta.items()]
+    mods = d.get("modules") or []
+    if mods:
+        lines.append(f"modules ({len(mods)}):")
+        for m in mods:
+            lines.append("  " + "  ".join(str(m.get(k)) for k in ("name", "shape", "rank", "alpha", "scale", "dtype")))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stats(ctx, as_json):
+    """Adapters per family, encoder, size of the index."""
+    s = _open(ctx, readonly=True).stats()
+    _emit(s, as_json, "\n".join(f"{k}: {v}" for k, v in s.items() if k != "version"))
+
+
+def _attach_optional_groups() -> None:
+    """`data`, `train` and `eval` live in their own modules (they pull in heavier dependencies)."""
+    import importlib
+
+    for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.cli_train", "train"),
+                      ("lorasearch.cli_eval", "eval_group")):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        cmd = getattr(m, attr, None) or getattr(m, attr.replace("_group", ""), None)
+        if cmd is not None:
+            cli.add_command(cmd)
+
+
+_attach_optional_groups()
+
+
+def main() -> None:
+    cli(obj={})
+
+
+if __name__ == "__main__":
+    main()
