@@ -1,1 +1,6 @@
-"""The vector store: FAISS (+ GPU search copy) and a transactional SQLite catalog."""
+"""The vector store: a transactional SQLite catalog (source of truth) + per-family FAISS snapshots
+(+ a search-only GPU copy). See ``store.py`` for the guarantees."""
+from .gpu import gpu_count, resolve_device
+from .store import LoraIndex
+
+__all__ = ["LoraIndex", "gpu_count", "resolve_device"]

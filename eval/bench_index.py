@@ -1,0 +1,181 @@
+"""Query latency of the vector store at 10k / 100k adapters, beside the memory-bandwidth bound.
+
+Exact (flat) inner-product search must read every stored vector once per query (batch), so
+its floor on this machine is ``N · dim · 4 bytes / streaming read bandwidth``. The benchmark
+measures that bandwidth with numpy in the same run and reports each latency as a ratio to
+the bound (1.0 = as fast as the memory allows). The index is built through the public
+``LoraIndex`` API (catalog + snapshot), so add and snapshot times are the product's.
+
+    python -m lorasearch.eval.bench_index --sizes 10000 100000
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import faiss
+import numpy as np
+
+from lorasearch.indexer import LoraIndex
+
+FAMILY = "bench"
+
+
+def _blas_threads(n: int | None):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:          # optional: without it numpy's BLAS keeps its own thread count
+        return contextlib.nullcontext()
+    return threadpool_limits(n) if n else contextlib.nullcontext()
+
+
+def stream_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> float:
+    """Bytes/s numpy reads from memory: best over repeats of the best of a few read-once kernels."""
+    a = np.ones(nbytes // 4, np.float32)
+    m = a.reshape(-1, 1024)
+    v = np.ones(1024, np.float32)
+    best = float("inf")
+    for kernel in (a.sum, lambda: np.dot(a, a), lambda: m @ v):
+        kernel()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            kernel()
+            best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def _records(vectors: np.ndarray, start: int):
+    return [{"path": f"/bench/adapter_{start + i:07d}.safetensors", "sha256": f"{start + i:064x}",
+             "family": FAMILY, "embedding": v, "size": 0, "format": "bench"} for i, v in enumerate(vectors)]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: str, bandwidth: float,
+              batch: int = 10_000, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    path = os.path.join(workdir, f"ix-{n}")
+    ix = LoraIndex.open(path, create=True, device=device)
+    ix.check_encoder("bench-random", "1", dim)
+    t_add = t_snap = 0.0
+    with ix.writer():
+        for start in range(0, n, batch):
+            recs = _records(_unit(rng.normal(size=(min(batch, n - start), dim))), start)
+            t = time.perf_counter()
+            ix.upsert(recs)
+            t_add += time.perf_counter() - t
+        t = time.perf_counter()
+        ix.flush()
+        t_snap = time.perf_counter() - t
+    assert ix.check()["ok"]
+    stats = ix.stats()
+    ix.close()
+
+    queries = _unit(rng.normal(size=(n_queries, dim)))
+    t = time.perf_counter()
+    ix = LoraIndex.open(path, readonly=True, device=device)
+    ix.search(queries[0], FAMILY, k)                       # cold: open + load/validate snapshot
+    t_cold = time.perf_counter() - t
+    index, _ = ix._family_index(FAMILY)                    # raw FAISS, to show the API's overhead
+
+    single, raw = [], []
+    for q in queries:
+        t = time.perf_counter()
+        res = ix.search(q, FAMILY, k)
+        single.append(time.perf_counter() - t)
+        assert len(res[0]) == min(k, n)
+        t = time.perf_counter()
+        index.search(q[None, :], k)
+        raw.append(time.perf_counter() - t)
+    batched = []
+    for _ in range(5):
+        t = time.perf_counter()
+        ix.search(queries, FAMILY, k)
+        batched.append(time.perf_counter() - t)
+    ix.close()
+
+    bound = n * dim * 4 / bandwidth
+    med, p95 = float(np.median(single)), float(np.percentile(single, 95))
+    batch_med = float(np.median(batched))
+    return {
+        "n": n, "dim": dim, "k": k, "device": stats["device"], "n_queries": n_queries,
+        "add_s": t_add, "add_per_s": n / t_add, "snapshot_s": t_snap,
+        "cold_open_query_ms": t_cold * 1e3, "disk_MB": stats["disk_bytes"] / 1e6,
+        "single_median_ms": med * 1e3, "single_p95_ms": p95 * 1e3,
+        "faiss_single_median_ms": float(np.median(raw)) * 1e3,
+        "batch_ms": batch_med * 1e3, "batch_per_query_ms": batch_med / n_queries * 1e3,
+        "batch_gflops": 2 * n_queries * n * dim / batch_med / 1e9,
+        "bound_ms": bound * 1e3, "single_ratio": med / bound, "batch_ratio": batch_med / bound,
+        "bandwidth_GBps": bandwidth / 1e9,
+    }
+
+
+def run(sizes=(10_000, 100_000), dim: int = 512, n_queries: int = 200, k: int = 10, device: str = "auto",
+        threads: int | None = 1, workdir: str | None = None, bandwidth_bytes: int = 256 << 20) -> list[dict]:
+    """One row per size. ``threads`` caps FAISS/BLAS threads (None = their defaults);
+    ``bandwidth_bytes`` is the buffer numpy streams (keep it well above the last-level cache)."""
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    tmp = tempfile.mkdtemp(prefix="lorasearch-bench-", dir=workdir)
+    try:
+        with _blas_threads(threads):
+            bandwidth = stream_bandwidth(bandwidth_bytes)
+            rows = [bench_one(n, dim, n_queries, k, device, tmp, bandwidth) for n in sizes]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for row in rows:
+        row["threads"] = threads or "default"
+    return rows
+
+
+def format_markdown(rows: list[dict]) -> str:
+    head = (f"Machine: {_machine()}; FAISS {faiss.__version__}; threads {rows[0]['threads'] if rows else '-'}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; numpy streaming read bandwidth "
+            f"{rows[0]['bandwidth_GBps']:.1f} GB/s\n\n" if rows else "")
+    cols = ["N", "dim", "device", "add (rec/s)", "snapshot s", "cold open+query ms", "1-query median ms",
+            "1-query p95 ms", "raw FAISS 1-query ms", f"batch of {rows[0]['n_queries'] if rows else '-'} ms",
+            "per query in batch ms", "batch GFLOP/s", "bandwidth bound ms", "1-query / bound", "batch / bound"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            f"{r['n']:,}", str(r["dim"]), r["device"], f"{r['add_per_s']:,.0f}", f"{r['snapshot_s']:.2f}",
+            f"{r['cold_open_query_ms']:.0f}", f"{r['single_median_ms']:.2f}", f"{r['single_p95_ms']:.2f}",
+            f"{r['faiss_single_median_ms']:.2f}", f"{r['batch_ms']:.1f}", f"{r['batch_per_query_ms']:.3f}",
+            f"{r['batch_gflops']:.1f}", f"{r['bound_ms']:.2f}", f"{r['single_ratio']:.2f}", f"{r['batch_ratio']:.2f}"]) + " |")
+    return head + "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="FAISS/BLAS threads (0 = library default)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    rows = run(tuple(args.sizes), args.dim, args.queries, args.k, args.device, args.threads or None)
+    print(json.dumps({"version": 1, "rows": rows}, indent=2) if args.json else format_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""A search-only GPU copy of the CPU snapshots (DESIGN decision 4).
+
+GPU FAISS cannot remove ids, rejects ``add_with_ids`` on flat indexes and cannot be written
+to disk, so the CPU ``IndexIDMap2`` stays the master and the GPU holds a per-family copy
+made with ``index_cpu_to_gpu`` that is replaced whenever the family's generation changes,
+never mutated, never persisted. GPU indexes are not thread-safe even for search, so every
+GPU call runs on one dedicated worker thread that owns the ``StandardGpuResources``.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import faiss
+import numpy as np
+
+from lorasearch.errors import UnavailableError, UsageError
+
+GPU_MAX_K = 2048   # classic GPU k-selection limit (faiss/gpu/utils/DeviceDefs.cuh); larger k runs on CPU
+
+
+def gpu_count() -> int:
+    """GPUs usable by the installed FAISS build (0 for faiss-cpu)."""
+    if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "index_cpu_to_gpu"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:   # a GPU build on a machine without a working driver
+        return 0
+
+
+def resolve_device(device: str | None) -> int | None:
+    """``auto|cpu|cuda|cuda:N`` -> the GPU ordinal to use, or None for CPU only."""
+    device = (device or "auto").strip().lower()
+    if device == "cpu":
+        return None
+    if device == "auto":
+        return 0 if gpu_count() > 0 else None
+    if device == "cuda" or device.startswith("cuda:"):
+        ordinal = 0
+        if device.startswith("cuda:"):
+            try:
+                ordinal = int(device[5:])
+            except ValueError:
+                raise UsageError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+        n = gpu_count()
+        if n == 0:
+            why = ("the installed FAISS has no GPU support (install the lorasearch[gpu] extra)"
+                   if not hasattr(faiss, "StandardGpuResources") else "FAISS sees no CUDA device")
+            raise UnavailableError(f"device {device!r} unavailable: {why}")
+        if ordinal >= n:
+            raise UnavailableError(f"device {device!r} unavailable: FAISS sees {n} GPU(s)")
+        return ordinal
+    raise UsageError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+class GpuMirror:
+    """Per-family GPU copies, keyed by (family, generation); all calls on one worker thread.
+
+    Only the inner ``IndexFlatIP`` goes to the GPU (a plain ``GpuIndexFlatIP``, supported by
+    every GPU build); result positions are mapped back to adapter ids with the ``id_map``
+    captured at upload time, so the copy and its ids always belong to the same generation.
+    """
+
+    def __init__(self, ordinal: int = 0):
+        self.ordinal = ordinal
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasearch-gpu")
+        self._copies: dict[str, tuple[int, object, np.ndarray]] = {}
+        self._guard = threading.Lock()
+        self._res = self._pool.submit(self._make_resources).result()
+
+    # the two calls that touch the device (overridden in tests to exercise the rest without a GPU)
+    def _make_resources(self):
+        return faiss.StandardGpuResources()
+
+    def _to_device(self, flat):
+        return faiss.index_cpu_to_gpu(self._res, self.ordinal, flat)
+
+    def _search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int):
+        current = self._copies.get(family)
+        if current is None or current[0] != generation:
+            self._copies.pop(family, None)            # free the stale copy before uploading the new one
+            flat = faiss.downcast_index(cpu_index.index)
+            current = (generation, self._to_device(flat), faiss.vector_to_array(cpu_index.id_map).copy())
+            self._copies[family] = current
+        _, device_index, id_map = current
+        scores, positions = device_index.search(queries, k)
+        ids = np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
+        return scores, ids
+
+    def search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int):
+        """(scores, ids) like ``Index.search``; uploads the family first if its copy is stale."""
+        with self._guard:
+            return self._pool.submit(self._search, family, generation, cpu_index, queries, k).result()
+
+    def generations(self) -> dict[str, int]:
+        return {fam: entry[0] for fam, entry in self._copies.items()}
+
+    def close(self) -> None:
+        with self._guard:
+            self._pool.submit(self._copies.clear).result()
+            self._pool.shutdown(wait=True)

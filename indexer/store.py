@@ -1,0 +1,520 @@
+"""``LoraIndex``: the vector store behind lorasearch (catalog + per-family FAISS snapshots + GPU copy).
+
+An index is a directory::
+
+    catalog.sqlite          SQLite/WAL, the source of truth (records *and* embeddings)
+    faiss/<family>.g<N>.faiss   IndexIDMap2(IndexFlatIP(dim)) per family, a rebuildable snapshot
+    writer.lock             flock held by the one writer (its pid inside)
+
+Guarantees:
+- Nothing acknowledged is lost: ``upsert``/``remove`` return only after their SQLite transaction
+  committed; the FAISS snapshot is written afterwards and, if that never happens (crash, kill),
+  the next reader sees its generation is behind and rebuilds it from the catalog.
+- One writer at a time across processes (``IndexLockedError`` names the holder's pid);
+  readers never take the lock and never wait for it.
+- Families are separate spaces: a query is only ever compared with adapters of its family.
+- Ids are int64, assigned once per path and never reused: upserting an existing path keeps its
+  id (and ``added_at``); removing a path and adding it again gives a new id.
+- Scores are cosine similarities: stored and query vectors are L2-normalized (a zero vector
+  stays zero and scores 0 against everything).
+
+Within one process the object is thread-safe (calls are serialized); use one object per thread
+for parallel CPU searches if that ever matters.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from lorasearch.errors import (IncompatibleError, IndexLockedError, MissingError, UsageError)
+
+from . import snapshot
+from .catalog import Catalog
+from .gpu import GPU_MAX_K, GpuMirror, resolve_device
+from .lock import WriterLock
+
+CATALOG_FILE = "catalog.sqlite"
+SNAPSHOT_DIR = "faiss"
+LOCK_FILE = "writer.lock"
+REQUIRED = ("path", "sha256", "family", "embedding")
+
+
+def _resolve(path) -> str:
+    """The catalog key: absolute, symlinks resolved (os.path.realpath is ~2x faster than Path.resolve)."""
+    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+
+class LoraIndex:
+    """Open with ``LoraIndex.open(path, create=..., readonly=..., device=...)``."""
+
+    def __init__(self, root: Path, catalog: Catalog, readonly: bool, gpu_ordinal: int | None, lock_timeout: float):
+        self.root = root
+        self.catalog = catalog
+        self.readonly = readonly
+        self.lock_timeout = lock_timeout
+        self.repairs: dict[str, str] = {}        # family -> why its snapshot had to be rebuilt
+        self._lock = WriterLock(root / LOCK_FILE, label=str(root))
+        self._lock_depth = 0
+        self._deferred = 0                        # > 0 inside writer(): snapshots wait for flush()
+        self._mutex = threading.RLock()
+        self._cache: dict[str, tuple[int, object]] = {}   # family -> (generation, CPU index)
+        self._unsaved: set[str] = set()           # families whose cached index is not on disk yet
+        self._encoder: dict | None = None
+        self._gpu = GpuMirror(gpu_ordinal) if gpu_ordinal is not None else None
+
+    # -- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike = ".lorasearch", create: bool = False, readonly: bool = False,
+             device: str = "auto", lock_timeout: float = 0.0) -> "LoraIndex":
+        """Open the index directory ``path``; ``create`` makes it if missing.
+
+        ``readonly`` never writes anything (snapshots are memory-mapped, repairs stay in memory).
+        ``device``: ``auto`` uses a GPU search copy when FAISS has one, ``cuda`` insists
+        (``UnavailableError`` otherwise), ``cpu`` never does. ``lock_timeout``: seconds a
+        write waits for another writer before ``IndexLockedError``.
+        """
+        root = Path(path).expanduser().resolve()
+        if create and readonly:
+            raise UsageError(f"{root}: cannot create an index read-only")
+        gpu_ordinal = resolve_device(device)
+        catalog_path = root / CATALOG_FILE
+        if not catalog_path.is_file():
+            if not create:
+                raise MissingError(f"{root}: no lorasearch index here (no {CATALOG_FILE}); "
+                                   "build one with `lorasearch index DIR` or point --index at one")
+            if root.exists() and not root.is_dir():
+                raise UsageError(f"{root}: exists and is not a directory")
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                catalog = Catalog.create(catalog_path)
+            except (OSError, sqlite3.Error) as e:
+                raise MissingError(f"{root}: cannot create an index here ({getattr(e, 'strerror', None) or e})") from None
+        else:
+            catalog = Catalog(catalog_path, readonly=readonly)
+        try:
+            catalog.check_schema()
+        except Exception:
+            catalog.close()
+            raise
+        if not readonly:
+            (root / SNAPSHOT_DIR).mkdir(exist_ok=True)
+        return cls(root, catalog, readonly, gpu_ordinal, lock_timeout)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._lock_depth:
+                self._deferred = 0
+                try:
+                    self.flush()
+                finally:
+                    self._lock_depth = 0
+                    self._lock.release()
+            if self._gpu is not None:
+                self._gpu.close()
+                self._gpu = None
+            self._cache.clear()
+            self.catalog.close()
+
+    def __enter__(self) -> "LoraIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LoraIndex({str(self.root)!r}, readonly={self.readonly})"
+
+    # -- encoder ------------------------------------------------------------------------
+    @property
+    def encoder(self) -> dict | None:
+        """``{"spec", "version", "dim"}`` of the encoder that built this index, or None if empty."""
+        if self._encoder is None:            # set once by the first writer, never changes after
+            with self._mutex, self.catalog.read():
+                spec = self.catalog.meta("encoder_spec")
+                if spec is not None:
+                    self._encoder = {"spec": spec, "version": self.catalog.meta("encoder_version"),
+                                     "dim": int(self.catalog.meta("dim"))}
+        return None if self._encoder is None else dict(self._encoder)
+
+    def encoder_spec(self) -> str | None:
+        """The recorded encoder spec (e.g. ``"sketch"``), or None while the index is empty of encoders."""
+        enc = self.encoder
+        return None if enc is None else enc["spec"]
+
+    @property
+    def dim(self) -> int | None:
+        enc = self.encoder
+        return None if enc is None else enc["dim"]
+
+    def check_encoder(self, spec: str, version: str, dim: int) -> None:
+        """Refuse an encoder other than the one that built the index; the first writer records it."""
+        current = self.encoder
+        if current is None and not self.readonly:
+            with self._mutex, self._writing(), self.catalog.write():
+                if self.catalog.meta("encoder_spec") is None:
+                    self.catalog.set_meta("encoder_spec", spec)
+                    self.catalog.set_meta("encoder_version", str(version))
+                    self.catalog.set_meta("dim", int(dim))
+            current = self.encoder
+        if current is None:
+            return          # read-only and empty: nothing to compare with
+        if (current["spec"], current["version"], current["dim"]) != (spec, str(version), int(dim)):
+            raise IncompatibleError(
+                f"{self.root}: index was built with encoder {current['spec']} v{current['version']} "
+                f"(dim {current['dim']}), not {spec} v{version} (dim {dim}); "
+                "use the same --encoder or a separate --index")
+
+    # -- locking ------------------------------------------------------------------------
+    def _acquire(self, timeout: float | None = None) -> None:
+        if self.readonly:
+            raise UsageError(f"{self.root}: index is open read-only")
+        if self._lock_depth == 0:
+            self._lock.acquire(self.lock_timeout if timeout is None else timeout)
+        self._lock_depth += 1
+
+    def _release(self) -> None:
+        self._lock_depth -= 1
+        if self._lock_depth == 0:
+            self._lock.release()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def writer(self, timeout: float | None = None) -> Iterator["LoraIndex"]:
+        """Hold the writer lock across many ``upsert``/``remove`` calls and write snapshots once, on exit.
+
+        Every call still commits its own catalog transaction (acknowledged = durable); only the
+        FAISS snapshot files wait for ``flush()`` or the end of the block (even on error).
+        """
+        with self._mutex:
+            self._acquire(timeout)
+            self._deferred += 1
+        try:
+            yield self
+        finally:
+            with self._mutex:
+                self._deferred -= 1
+                try:
+                    if self._deferred == 0:
+                        self.flush()
+                finally:
+                    self._release()
+
+    # -- snapshots ----------------------------------------------------------------------
+    def _snapshot_path(self, family: str, generation: int) -> Path:
+        return snapshot.snapshot_path(self.root / SNAPSHOT_DIR, family, generation)
+
+    def _family_generation(self, family: str) -> int | None:
+        return self.catalog.family_generations().get(family)
+
+    def _family_index(self, family: str):
+        """``(index, generation)`` reflecting the catalog now, or ``(None, None)`` for an unknown family.
+
+        Loads the snapshot named by the catalog's generation; if it is missing, stale or does
+        not match the catalog, rebuilds it from the catalog's embeddings (and records why).
+        """
+        for attempt in range(2):
+            with self.catalog.read():
+                gen = self._family_generation(family)
+                if gen is None:
+                    self._cache.pop(family, None)
+                    return None, None
+                cached = self._cache.get(family)
+                if cached is not None and cached[0] == gen:
+                    return cached[1], gen
+                dim = self._require_dim()
+                ids = self.catalog.family_ids(family)
+                index, reason = snapshot.load(self._snapshot_path(family, gen), dim, ids,
+                                              self.catalog.embeddings, mmap=self.readonly)
+                # a missing file may mean a writer just replaced it: look again once, in a fresh transaction
+                if index is not None or reason != "missing" or attempt == 1 or self._lock_depth:
+                    if index is None:
+                        ids, vectors = self.catalog.family_vectors(family, dim)
+                        index = snapshot.build(dim, ids, vectors)
+                        self.repairs[family] = reason
+                        self._unsaved.add(family)
+                    self._cache[family] = (gen, index)
+                    return index, gen
+        raise AssertionError("unreachable")
+
+    def _save_repairs(self) -> None:
+        """Persist snapshots rebuilt by a reader, if no writer is busy (never waits for the lock)."""
+        if self.readonly or not self._unsaved or self._deferred:
+            return
+        with self._mutex:
+            try:
+                self._acquire(timeout=0)
+            except IndexLockedError:
+                return          # the active writer will write its own snapshots
+            try:
+                self.flush()
+            finally:
+                self._release()
+
+    def flush(self) -> None:
+        """Make the snapshot files match the catalog: write unsaved or missing ones, delete stale ones."""
+        with self._mutex, self._writing():
+            with self.catalog.read():
+                current = self.catalog.family_generations()
+            for family, gen in sorted(current.items()):
+                path = self._snapshot_path(family, gen)
+                if family in self._unsaved or not path.exists():
+                    index, at = self._family_index(family)
+                    snapshot.write(index, self._snapshot_path(family, at))
+            self._unsaved.clear()
+            snapshot.prune(self.root / SNAPSHOT_DIR, current)
+
+    # -- writes -------------------------------------------------------------------------
+    def _prepare(self, records: list[dict], dim: int) -> list[tuple[dict, np.ndarray]]:
+        out, seen = [], set()
+        for rec in records:
+            missing = [key for key in REQUIRED if rec.get(key) is None]
+            if missing:
+                raise UsageError(f"{rec.get('path', '<record>')}: record lacks {', '.join(missing)}")
+            path = _resolve(rec["path"])
+            if path in seen:
+                raise UsageError(f"{path}: appears twice in one upsert")
+            seen.add(path)
+            family = str(rec["family"])
+            if not family:
+                raise UsageError(f"{path}: empty family")
+            vec = np.asarray(rec["embedding"], dtype=np.float32).reshape(-1)
+            if vec.shape[0] != dim:
+                raise IncompatibleError(f"{path}: embedding has dim {vec.shape[0]}, index {self.root} has dim {dim}")
+            if not np.isfinite(vec).all():
+                raise UsageError(f"{path}: embedding contains NaN or Inf")
+            norm = float(np.linalg.norm(vec))
+            if norm > 0:
+                vec = (vec / norm).astype(np.float32)
+            out.append((dict(rec, path=path, family=family), vec))
+        return out
+
+    def _require_dim(self) -> int:
+        dim = self.dim
+        if dim is None:
+            raise UsageError(f"{self.root}: no encoder recorded yet; call check_encoder(spec, version, dim) first")
+        return dim
+
+    def upsert(self, records: Iterable[dict]) -> list[int]:
+        """Insert or replace adapters by path, in one transaction; returns their ids in order.
+
+        A record is a dict with ``path``, ``sha256``, ``family``, ``embedding`` (float32 [dim])
+        and optionally ``size``, ``mtime_ns``, ``format``, ``ranks``, ``n_modules``,
+        ``delta_norm``, ``metadata``, ``info`` (JSON-able).
+        """
+        records = list(records)
+        if not records:
+            return []
+        with self._mutex, self._writing():
+            dim = self._require_dim()
+            prepared = self._prepare(records, dim)
+            with self.catalog.read():
+                previous = self.catalog.families_of_paths([r["path"] for r, _ in prepared])
+            touched = {r["family"] for r, _ in prepared} | previous
+            for family in touched:                 # bring the in-memory copies up to date first
+                self._family_index(family)
+            with self.catalog.write():
+                ids, replaced = [], []
+                for rec, vec in prepared:
+                    adapter_id, old_family = self.catalog.upsert(rec, vec.tobytes())
+                    ids.append(adapter_id)
+                    if old_family is not None:
+                        replaced.append((adapter_id, old_family))
+                gen = self.catalog.bump(touched)
+            added = [(i, rec["family"], vec) for i, (rec, vec) in zip(ids, prepared)]
+            self._apply(touched, gen, dim, removed=replaced, added=added)
+        return ids
+
+    def remove(self, ids_or_paths) -> int:
+        """Remove adapters given by id (int) or path (str/Path), in one transaction; returns how many existed."""
+        if isinstance(ids_or_paths, (numbers.Integral, str, os.PathLike)):
+            ids_or_paths = [ids_or_paths]
+        with self._mutex, self._writing():
+            with self.catalog.read():
+                targets: dict[int, str] = {}
+                for item in ids_or_paths:
+                    if isinstance(item, numbers.Integral):
+                        rec = self.catalog.get(int(item))
+                    elif isinstance(item, (str, os.PathLike)):
+                        rec = self.catalog.by_path(_resolve(item))
+                    else:
+                        raise UsageError(f"remove: expected an id or a path, got {item!r}")
+                    if rec is not None:
+                        targets[rec["id"]] = rec["family"]
+            if not targets:
+                return 0
+            dim = self._require_dim()
+            touched = set(targets.values())
+            for family in touched:
+                self._family_index(family)
+            with self.catalog.write():
+                for adapter_id in targets:
+                    self.catalog.delete(adapter_id)
+                gen = self.catalog.bump(touched)
+            self._apply(touched, gen, dim, removed=list(targets.items()), added=[])
+        return len(targets)
+
+    def touch(self, adapter_id: int, size: int | None = None, mtime_ns: int | None = None) -> bool:
+        """Refresh a record's file stat (same bytes, new timestamp); the vector and snapshots are untouched."""
+        with self._mutex, self._writing(), self.catalog.write():
+            return self.catalog.touch(int(adapter_id), size, mtime_ns)
+
+    def _apply(self, touched: set[str], gen: int, dim: int, removed, added) -> None:
+        """Mirror a committed transaction into the cached FAISS indexes (remove, then add), then flush."""
+        try:
+            with self.catalog.read():
+                live = self.catalog.family_generations()
+            for family in touched:
+                cached = self._cache.pop(family, None)
+                if family not in live:
+                    continue                        # family emptied: its files go at the next prune
+                index = cached[1] if cached is not None else snapshot.build(dim, np.empty(0, np.int64), None)
+                gone = np.array([i for i, f in removed if f == family], dtype=np.int64)
+                if len(gone):
+                    index.remove_ids(gone)
+                mine = [(i, v) for i, f, v in added if f == family]
+                if mine:
+                    index.add_with_ids(np.stack([v for _, v in mine]), np.array([i for i, _ in mine], dtype=np.int64))
+                self._cache[family] = (gen, index)
+                self._unsaved.add(family)
+        except BaseException:
+            for family in touched:                  # the catalog is committed; let the next read rebuild
+                self._cache.pop(family, None)
+            raise
+        if not self._deferred:
+            self.flush()
+
+    # -- reads --------------------------------------------------------------------------
+    def search(self, vectors, family: str, k: int = 10) -> list[list[tuple[int, float]]]:
+        """For each query row, up to ``k`` ``(id, cosine)`` pairs from ``family``, best first."""
+        queries = np.array(vectors, dtype=np.float32, copy=True)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2:
+            raise UsageError(f"search: expected vectors of shape [n, dim], got {queries.shape}")
+        if int(k) < 1:
+            raise UsageError(f"search: k must be >= 1, got {k}")
+        empty = [[] for _ in range(queries.shape[0])]
+        dim = self.dim
+        if dim is None or queries.shape[0] == 0:
+            return empty
+        if queries.shape[1] != dim:
+            raise IncompatibleError(f"{self.root}: query vectors have dim {queries.shape[1]}, index has dim {dim}")
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        np.divide(queries, norms, out=queries, where=norms > 0)
+        queries = np.ascontiguousarray(queries)
+        with self._mutex:
+            index, gen = self._family_index(family)
+            if index is None or index.ntotal == 0:
+                return empty
+            kk = min(int(k), index.ntotal)
+            if self._gpu is not None and kk <= GPU_MAX_K:
+                scores, ids = self._gpu.search(family, gen, index, queries, kk)
+            else:
+                snapshot.tune_blas(dim)
+                scores, ids = index.search(queries, kk)
+        self._save_repairs()
+        return [[(int(i), float(s)) for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+
+    def get(self, adapter_id: int) -> dict | None:
+        with self._mutex:
+            return self.catalog.get(int(adapter_id))
+
+    def by_path(self, path) -> dict | None:
+        with self._mutex:
+            return self.catalog.by_path(_resolve(path))
+
+    def by_sha256(self, sha256: str) -> list[dict]:
+        with self._mutex:
+            return self.catalog.by_sha256(sha256)
+
+    def records(self, family: str | None = None) -> list[dict]:
+        """All records (without embeddings), ordered by id."""
+        with self._mutex, self.catalog.read():
+            return self.catalog.records(family)
+
+    def fingerprints(self) -> dict[str, tuple[int, int | None, int | None, str, str]]:
+        """``{path: (id, size, mtime_ns, sha256, family)}`` for all adapters: one cheap query, so a
+        re-index can skip unchanged files and prune vanished ones without loading full records."""
+        with self._mutex:
+            return self.catalog.fingerprints()
+
+    def count(self, family: str | None = None) -> int:
+        with self._mutex:
+            return self.catalog.count(family)
+
+    def families(self) -> dict[str, int]:
+        with self._mutex:
+            return self.catalog.families()
+
+    def embeddings(self, ids) -> np.ndarray:
+        """float32 ``[len(ids), dim]`` in the order given; ``MissingError`` for an unknown id."""
+        ids = [int(i) for i in np.atleast_1d(np.asarray(ids, dtype=np.int64))]
+        dim = self._require_dim()
+        with self._mutex:
+            blobs = self.catalog.embeddings(ids)
+        missing = [i for i in ids if i not in blobs]
+        if missing:
+            raise MissingError(f"{self.root}: no adapter with id {missing[0]}")
+        if not ids:
+            return np.empty((0, dim), np.float32)
+        return np.frombuffer(b"".join(blobs[i] for i in ids), dtype=np.float32).reshape(len(ids), dim).copy()
+
+    def stats(self) -> dict:
+        with self._mutex, self.catalog.read():
+            gens = self.catalog.family_generations()
+            out = {
+                "path": str(self.root),
+                "count": self.catalog.count(),
+                "families": self.catalog.families(),
+                "encoder": self.encoder,
+                "dim": self.dim,
+                "generation": self.catalog.generation(),
+                "schema_version": int(self.catalog.meta("schema_version")),
+                "snapshots": {f: {"generation": g, "on_disk": self._snapshot_path(f, g).exists()}
+                              for f, g in sorted(gens.items())},
+                "repairs": dict(self.repairs),
+                "device": f"cuda:{self._gpu.ordinal}" if self._gpu is not None else "cpu",
+                "gpu": self._gpu is not None,
+                "gpu_copies": {} if self._gpu is None else self._gpu.generations(),
+                "readonly": self.readonly,
+            }
+        out["disk_bytes"] = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return out
+
+    def check(self) -> dict:
+        """Verify every family's FAISS index holds exactly the catalog's ids (ntotal == count).
+
+        Returns ``{"ok": bool, "families": {family: {"catalog", "faiss", "generation",
+        "on_disk"}}, "problems": [str]}``; loading rebuilds stale snapshots on the way.
+        """
+        problems, report = [], {}
+        with self._mutex, self.catalog.read():
+            counts = self.catalog.families()
+            gens = self.catalog.family_generations()
+            if set(counts) != set(gens):
+                problems.append(f"families table {sorted(gens)} != catalog families {sorted(counts)}")
+            for family, n in counts.items():
+                index, gen = self._family_index(family)
+                ntotal = 0 if index is None else int(index.ntotal)
+                report[family] = {"catalog": n, "faiss": ntotal, "generation": gen,
+                                  "on_disk": gen is not None and self._snapshot_path(family, gen).exists()}
+                if ntotal != n:
+                    problems.append(f"{family}: FAISS holds {ntotal} vectors, catalog {n}")
+                elif index is not None and not np.array_equal(np.sort(snapshot.index_ids(index)),
+                                                              self.catalog.family_ids(family)):
+                    problems.append(f"{family}: FAISS ids differ from the catalog")
+        return {"ok": not problems, "families": report, "problems": problems}
