@@ -200,7 +200,7 @@ class Lorasearch:
                         report.unchanged.append(str(resolved))
                         bar.update(1)
                         continue
-                    adapter = load_adapter(resolved)
+                    adapter = load_adapter(resolved, sha256=sha)
                 except LorasearchError as e:
                     report.errors.append((str(resolved), str(e)))
                     bar.update(1)
@@ -261,7 +261,6 @@ class Lorasearch:
         if not path.exists():
             raise MissingError(f"{path}: no such file or directory")
         adapter = load_adapter(path)
-        adapter.sha256 = adapter.sha256 or adapter_sha256(path)
         qvec = self._embed([adapter])
         enc = self.encoder
         recorded = self.index.encoder_spec()

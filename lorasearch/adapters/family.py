@@ -1,0 +1,140 @@
+"""Which base model an adapter applies to, from metadata, module paths and shapes.
+
+The family decides which adapters are compared, so it must depend on the base model only, never on
+which modules an adapter happens to target or on its rank: every rule below reads a *dimension of the
+base model* (hidden size, cross-attention width, layer layout) that any targeted module reveals.
+Order (research notes §8): ``modelspec.architecture`` → ``ss_base_model_version``/``ss_v2`` →
+key structure → shapes.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from ..types import LoraModule
+
+_MODELSPEC = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v1", "sd1"), ("stable-diffusion-v2", "sd2"),
+              ("stable-diffusion-3", "sd3"), ("flux", "flux"))
+_SS_VERSION = (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd_v2", "sd2"), ("sd3", "sd3"), ("flux", "flux"))
+
+
+def family_from_metadata(meta: dict[str, str]) -> str | None:
+    arch = meta.get("modelspec.architecture", "").lower()
+    for prefix, fam in _MODELSPEC:
+        if arch.startswith(prefix):
+            return fam
+    ver = meta.get("ss_base_model_version", "").lower()
+    for prefix, fam in _SS_VERSION:
+        if ver.startswith(prefix):
+            return fam
+    if meta.get("ss_v2") == "True":       # older kohya files: only the v2 flag
+        return "sd2"
+    return None
+
+
+def _in(m: LoraModule) -> int:
+    return int(m.shape[1]) if len(m.shape) >= 2 else m.in_features
+
+
+def _out(m: LoraModule) -> int:
+    return int(m.shape[0]) if m.shape else m.out_features
+
+
+def infer_family(modules: list[LoraModule], meta: dict[str, str] | None = None,
+                 hints: set[str] | None = None) -> str:
+    """``sd1``/``sd2``/``sdxl``/``sd3``/``flux``/``minilm``/``bert-h{H}``/``llama-h{H}``/… for ``modules``.
+
+    ``hints`` are facts the parser saw that names lose (``"kohya-te1"``: a ``lora_te1_`` prefix, SDXL/SD3).
+    """
+    fam = family_from_metadata(meta or {})
+    if fam:
+        return fam
+    hints = hints or set()
+    names = [m.name for m in modules]
+    if any(re.search(r"(^|\.)(double_blocks|single_blocks|single_transformer_blocks)\.", n) for n in names):
+        return "flux"
+    if any(re.search(r"(^|\.)joint_blocks\.", n) for n in names):
+        return "sd3"
+    unet = [m for m in modules if m.name.startswith("unet.")]
+    te = [m for m in modules if m.name.startswith("text_encoder")]
+    dit = [m for m in modules if m.name.startswith("transformer.transformer_blocks.")]
+    if unet or te:
+        return _sd_family(unet, te, hints)
+    if dit:
+        hidden = Counter(_out(m) for m in dit if m.name.endswith((".to_q", ".to_k", ".to_v"))).most_common(1)
+        h = hidden[0][0] if hidden else Counter(_in(m) for m in dit).most_common(1)[0][0]
+        return {3072: "flux", 1536: "sd3", 2432: "sd3.5-large"}.get(h, f"dit-h{h}")
+    bert = [m for m in modules if re.match(r"((encoder|transformer)\.layer\.\d+|embeddings)\.", m.name)]
+    if bert:
+        h = _hidden(bert, r"\.(query|key|value|q_lin|k_lin|v_lin)$", r"\.attention\.output\.dense$|\.out_lin$",
+                    r"\.intermediate\.dense$|\.ffn\.lin1$|^embeddings\.", r"\.output\.dense$|\.ffn\.lin2$")
+        layers = max((int(x.group(1)) for m in bert if (x := re.match(r"\w+\.layer\.(\d+)\.", m.name))),
+                     default=0) + 1
+        return "minilm" if h == 384 and layers <= 6 else f"bert-h{h}"
+    llm = [m for m in modules if re.match(r"(decoder\.)?layers\.\d+\.", m.name)]
+    if llm:
+        h = _hidden(llm, r"\.(q_proj|k_proj|v_proj|qkv_proj)$", r"\.o_proj$", r"\.(gate_proj|up_proj|gate_up_proj)$",
+                    r"\.down_proj$")
+        return f"llama-h{h}"
+    gpt = [m for m in modules if re.match(r"h\.\d+\.", m.name)]
+    if gpt:
+        h = Counter(min(m.out_features, m.in_features) for m in gpt).most_common(1)[0][0]
+        return f"gpt2-h{h}"
+    root = modules[0].name.split(".")[0] if modules else "empty"
+    h = Counter(m.in_features for m in modules).most_common(1)[0][0] if modules else 0
+    return f"generic-{root}-h{h}"
+
+
+def _hidden(mods, in_rx, out_rx, in2_rx, out2_rx) -> int:
+    """Hidden size: the in-dim of q/k/v or MLP-up, or the out-dim of attn-out or MLP-down."""
+    for m in mods:
+        if re.search(in_rx, m.name) or re.search(in2_rx, m.name):
+            return _in(m)
+        if re.search(out_rx, m.name) or re.search(out2_rx, m.name):
+            return _out(m)
+    return Counter(_in(m) for m in mods).most_common(1)[0][0]
+
+
+# (width, has attentions) per down/up block, and whether proj_in/proj_out are 1x1 convs
+_LAYOUTS = {
+    "sd1": ({"down": [(320, 1), (640, 1), (1280, 1), (1280, 0)], "up": [(1280, 0), (1280, 1), (640, 1), (320, 1)],
+             "mid": [(1280, 1)]}, True, 1),
+    "sdxl": ({"down": [(320, 0), (640, 1), (1280, 1)], "up": [(1280, 1), (640, 1), (320, 0)],
+              "mid": [(1280, 1)]}, False, 10),
+    "sd2": ({"down": [(320, 1), (640, 1), (1280, 1), (1280, 0)], "up": [(1280, 0), (1280, 1), (640, 1), (320, 1)],
+             "mid": [(1280, 1)]}, False, 1),
+}
+_BLOCK = re.compile(r"^unet\.(down|up|mid)_blocks?\.(?:(\d+)\.)?(attentions|resnets|downsamplers|upsamplers)\.\d+\."
+                    r"(?:transformer_blocks\.(\d+)\.)?")
+
+
+def _fits(layout, m: LoraModule) -> bool:
+    blocks, conv_proj, max_tb = layout
+    hit = _BLOCK.match(m.name)
+    if not hit:
+        return True
+    kind, idx, sub, tb = hit.group(1), int(hit.group(2) or 0), hit.group(3), hit.group(4)
+    if idx >= len(blocks[kind]):
+        return False
+    width, attn = blocks[kind][idx]
+    if sub == "attentions":
+        if not attn or (tb is not None and int(tb) >= max_tb):
+            return False
+        if m.name.endswith((".proj_in", ".proj_out")) and (len(m.shape) == 4) != conv_proj:
+            return False
+    return _out(m) in (width, 8 * width)
+
+
+def _sd_family(unet: list[LoraModule], te: list[LoraModule], hints: set[str]) -> str:
+    # cross-attention context width: 768 SD1, 1024 SD2, 2048 SDXL (InvokeAI lora_token_vector_length)
+    for m in unet:
+        if re.search(r"\.attn2\.(to_k|to_v)$", m.name):
+            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(_in(m), f"sd-ctx{_in(m)}")
+    if any(m.name.startswith("text_encoder_2.") for m in te) or "kohya-te1" in hints:
+        return "sdxl"
+    for m in te:   # CLIP-L (SD1) is 768 wide, OpenCLIP-H (SD2) 1024
+        w = _in(m) if m.name.endswith(("q_proj", "k_proj", "v_proj", "fc1")) else _out(m)
+        return {768: "sd1", 1024: "sd2"}.get(w, f"sd-te{w}")
+    # no cross-attention key and no text encoder: the UNet block layout (widths, where attention is)
+    fits = [fam for fam, layout in _LAYOUTS.items() if all(_fits(layout, m) for m in unet)]
+    return fits[0] if fits else "sd-unet"

@@ -1,0 +1,127 @@
+"""The key grammar: split every tensor key into (module, role) and name the layout it belongs to.
+
+One suffix table covers every B·A layout (research notes §9 step 3), longest suffix first:
+
+=================  =====================================================  =======================
+layout             suffixes                                               module names
+=================  =====================================================  =======================
+kohya              ``.lora_down.weight .lora_up.weight .lora_mid.weight``  ``lora_unet_…``, ``lora_te…_``
+                   ``.alpha``                                             (dots became ``_``)
+peft / diffusers   ``.lora_A[.<adapter>].weight .lora_B[…].weight``       ``base_model.model.<path>`` /
+                   ``.lora_A .lora_B .lora_embedding_A/_B``               ``unet.`` ``text_encoder.`` …
+diffusers-mid      ``.lora.down.weight .lora_linear_layer.down.weight``   ``unet.<path>``
+diffusers-old      ``.processor.to_q_lora.down.weight`` …                 ``<path>`` (no prefix)
+=================  =====================================================  =======================
+
+Keys of non-B·A algorithms (LyCORIS LoHa, LoKr, IA3, OFT/BOFT, GLoRA, full/diff, norm) are recognised
+so they can be refused by name; anything else is an *unknown key*, reported, never silently dropped.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .names import diffusers_from_sgm, kohya_to_normalized, normalize_path
+
+# role: A / B / mid / alpha / embA / embB / dora / bias
+_SUFFIXES = (
+    (".lora_linear_layer.down.weight", "A", "diffusers-mid"), (".lora_linear_layer.up.weight", "B", "diffusers-mid"),
+    (".lora.down.weight", "A", "diffusers-mid"), (".lora.up.weight", "B", "diffusers-mid"),
+    ("_lora.down.weight", "A", "diffusers-old"), ("_lora.up.weight", "B", "diffusers-old"),
+    (".lora_down.weight", "A", "kohya"), (".lora_up.weight", "B", "kohya"), (".lora_mid.weight", "mid", "kohya"),
+    (".lora_A.weight", "A", "peft"), (".lora_B.weight", "B", "peft"), (".lora_B.bias", "bias", "peft"),
+    (".lora_embedding_A", "embA", "peft"), (".lora_embedding_B", "embB", "peft"),
+    (".lora_magnitude_vector", "dora", "peft"), (".dora_scale", "dora", "kohya"),
+    (".lora_A", "A", "peft"), (".lora_B", "B", "peft"),
+    (".alpha", "alpha", "any"),
+)
+_ADAPTER_NAMED = re.compile(r"^(.+)\.lora_(A|B)\.([A-Za-z0-9_\-]+)\.weight$")
+
+# LyCORIS and other algorithms that are not B·A: suffix → algorithm name
+_FOREIGN = (
+    (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), "LoHa (Hadamard product, rank up to r^2)"),
+    (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), "LoKr (Kronecker product)"),
+    (re.compile(r"\.oft_(blocks|R)$"), "OFT/BOFT (orthogonal, multiplicative)"),
+    (re.compile(r"\.(boft_R|boft_s)$"), "BOFT (orthogonal, multiplicative)"),
+    (re.compile(r"\.(a1|a2|b1|b2|bm)\.weight$"), "GLoRA"),
+    (re.compile(r"\.diff(_b)?$"), "full/diff (dense weight delta)"),
+    (re.compile(r"\.(w_norm|b_norm)$"), "norm (normalization-layer delta)"),
+    (re.compile(r"\.on_input$"), "IA3 (multiplicative scaling vector)"),
+    (re.compile(r"\.ia3_l$"), "IA3 (multiplicative scaling vector)"),
+    (re.compile(r"\.(vera_lambda_[bd]|lora_E)$"), "VeRA/AdaLoRA"),
+)
+
+
+@dataclass
+class KeyPart:
+    key: str
+    stem: str        # the module part of the key as written in the file
+    role: str
+    layout: str
+
+
+def classify(key: str) -> KeyPart | None:
+    """(stem, role, layout) for a LoRA key, or None for a key no B·A layout explains."""
+    m = _ADAPTER_NAMED.match(key)
+    if m and m.group(3) != "weight":
+        return KeyPart(key, m.group(1), m.group(2), "peft")
+    for suffix, role, layout in _SUFFIXES:
+        if key.endswith(suffix):
+            return KeyPart(key, key[: -len(suffix)], role, layout)
+    return None
+
+
+def foreign_algorithm(key: str) -> str | None:
+    for rx, algo in _FOREIGN:
+        if rx.search(key):
+            return algo
+    return None
+
+
+def foreign_stem(key: str) -> str:
+    for rx, _ in _FOREIGN:
+        m = rx.search(key)
+        if m:
+            return key[: m.start()]
+    return key
+
+
+_OLD_PROC = re.compile(r"\.(attn[12]|self_attn)\.(?:processor\.)?(to_q|to_k|to_v|to_out)$")
+_OLD_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def normalize_stem(stem: str, layout: str) -> tuple[str, str]:
+    """File stem → (normalized module name, naming scheme). The scheme is ``kohya`` (or
+    ``kohya-heuristic`` when no architecture table knew the name), ``peft`` (``base_model.model.``),
+    ``diffusers`` (component prefix), ``attn-procs`` or ``plain``."""
+    if layout == "diffusers-old":
+        m = _OLD_PROC.search(stem)
+        if m:
+            head = stem[: m.start()]
+            if m.group(1) == "self_attn":
+                stem = f"{head}.self_attn.{_OLD_TE[m.group(2)]}"
+            else:
+                stem = f"{head}.{m.group(1)}.{'to_out.0' if m.group(2) == 'to_out' else m.group(2)}"
+    if "." not in stem and re.match(r"(lora_|lycoris_)", stem):
+        name, known, _ = kohya_to_normalized(stem)
+        return name, ("kohya" if known else "kohya-heuristic")
+    scheme = "plain"
+    if stem.startswith("base_model.model."):
+        stem, scheme = stem[len("base_model.model."):], "peft"
+    if stem.startswith("diffusion_model."):
+        rest = stem[len("diffusion_model."):]
+        if re.match(r"(double_blocks|single_blocks|joint_blocks)\.", rest):
+            return f"transformer.{rest}", "diffusers"
+        return f"unet.{diffusers_from_sgm(rest)}", "diffusers"
+    for src, dst in (("text_encoders.clip_l.transformer.", "text_encoder."),
+                     ("text_encoders.clip_g.transformer.", "text_encoder_2."),
+                     ("text_encoders.t5xxl.transformer.", "text_encoder_3.")):
+        if stem.startswith(src):
+            return dst + stem[len(src):], "diffusers"
+    if re.match(r"(unet|text_encoder(_2|_3)?|transformer|prior)\.", stem):
+        return stem, ("diffusers" if scheme == "plain" else scheme)
+    if re.match(r"(down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding)\.", stem):
+        return f"unet.{stem}", (scheme if scheme == "peft" else "attn-procs")
+    if stem.startswith("text_model."):        # PEFT on a bare CLIPTextModel
+        return f"text_encoder.{stem}", scheme
+    return normalize_path(stem), scheme
