@@ -252,7 +252,7 @@ class Lorasearch:
         ``rerank``: how many FAISS candidates to re-score by the exact ΔW cosine (default
         max(2k, 20); 0 turns re-ranking off and scores are embedding cosines).
         """
-        from lorasearch.adapters import adapter_sha256, load_adapter
+        from lorasearch.adapters import load_adapter
         from lorasearch.similarity import delta_cosine, delta_norm
 
         if k < 1:

@@ -77,8 +77,9 @@ def test_kohya_metadata_and_trigger_words(tmp_path):
     assert info["ranks"] == {"4": len(ad.modules)} and info["alphas"] == {"1.0": len(ad.modules)}
     assert info["metadata"]["modelspec.title"] == "My Character"
     assert "ss_tag_frequency" not in info["metadata"]
-    name, shape, rank, alpha, scale, dtype = info["modules"][0]
-    assert rank == 4 and alpha == 1.0 and scale == 0.25 and dtype == "F16" and len(shape) == 2
+    m = info["modules"][0]
+    assert m["rank"] == 4 and m["alpha"] == 1.0 and m["scale"] == 0.25 and m["dtype"] == "F16"
+    assert len(m["shape"]) == 2
     assert info["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest() == back.sha256
     assert info["size"] == p.stat().st_size
 

@@ -205,3 +205,28 @@ def test_watch_indexes_new_and_removed_files(tmp_path, gallery):
     finally:
         stop.set()
         t.join(10)
+
+
+def test_second_writer_gets_exit_75_reader_not_blocked(tmp_path, gallery):
+    import subprocess
+    import sys
+
+    idx = tmp_path / "idx"
+    assert run(idx, "index", gallery).exit_code == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom lorasearch.indexer import LoraIndex\n"
+         f"ix = LoraIndex.open({str(idx)!r})\n"
+         "with ix.writer():\n    print('locked', flush=True)\n    time.sleep(30)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        extra = tmp_path / "extra.safetensors"
+        write_adapter(random_adapter("minilm", rank=4, seed=7), extra, "peft-file", dtype="F32")
+        res = run(idx, "add", extra)
+        assert res.exit_code == 75 and "lock" in res.stderr.lower()
+        res = run(idx, "query", gallery / "ad1.safetensors", "--json")   # readers never block
+        assert res.exit_code == 0 and json.loads(res.stdout)["results"][0]["match"] == "exact"
+    finally:
+        holder.kill()
+        holder.wait()
