@@ -1,0 +1,425 @@
+"""The query/gallery retrieval protocol (W2T §retrieval), for several methods in one run.
+
+Relevance is binary: a gallery adapter is relevant to a query when they share a label.
+Only adapters of the same base-model family are comparable; a cross-family pair is not
+ranked at all. Every adapter is read and canonicalized once, then each method scores the
+same canonical forms:
+
+* an encoder spec (``sketch``, ``w2t:PATH`` …): cosine of the encoder's embeddings;
+* ``dense``: the exact Frobenius cosine of the ΔWs (the upper reference);
+* ``rawcos``: cosine of the flattened raw factors (W2T's non-invariant baseline).
+
+Inputs are either a gallery folder + queries folder + a ``name,label[,shots]`` CSV, or a
+collection folder with ``manifest.parquet`` (``path``, ``role`` gallery/query, a label
+column, optional ``shots``).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from lorasearch.errors import EXIT_BAD_INPUT, LorasearchError, MissingError, UsageError
+from lorasearch.eval.metrics import aggregate, aggregate_by, chance_metrics, evaluate_scores
+
+REFERENCE_METHODS = ("dense", "rawcos")
+ADAPTER_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
+LABEL_COLUMNS = ("label", "task", "superclass", "category_label")
+HEADLINE = ("ndcg@10", "hit@1", "map@10", "recall@10")
+
+
+class BadLabelsError(LorasearchError):
+    """A labels table or manifest that cannot be used (exit 65, like any bad input file)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+@dataclass
+class EvalItem:
+    name: str
+    path: Path
+    role: str                     # "gallery" | "query"
+    label: str
+    shots: str | None = None
+    canonical: object | None = None   # CanonicalAdapter once loaded (its .raw is the LoraAdapter)
+
+    @property
+    def family(self) -> str:
+        return self.canonical.family if self.canonical is not None else "?"
+
+
+@dataclass
+class EvalSet:
+    gallery: list[EvalItem]
+    queries: list[EvalItem]
+    source: dict = field(default_factory=dict)
+
+    @property
+    def items(self) -> list[EvalItem]:
+        return self.gallery + self.queries
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def read_labels_csv(path: str | Path) -> dict[str, tuple[str, str | None]]:
+    """``name -> (label, shots)``; header ``name,label`` (+ optional ``shots``), names unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingError(f"{path}: labels file not found")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = [(h or "").strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise BadLabelsError(f"{path}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise BadLabelsError(f"{path}: not a CSV file ({e})") from None
+    if "name" not in header or "label" not in header:
+        raise BadLabelsError(f"{path}: header must contain `name,label`, found {','.join(header)!r}")
+    if not rows:
+        raise BadLabelsError(f"{path}: no rows after the header")
+    out: dict[str, tuple[str, str | None]] = {}
+    for i, row in enumerate(rows, start=2):
+        name = (row.get("name") or "").strip()
+        label = (row.get("label") or "").strip()
+        shots = (row.get("shots") or "").strip() or None
+        if not name or not label:
+            raise BadLabelsError(f"{path}: line {i}: empty name or label")
+        if name in out and out[name][0] != label:
+            raise BadLabelsError(f"{path}: line {i}: {name!r} labelled twice ({out[name][0]!r}, {label!r})")
+        out[name] = (label, shots)
+    return out
+
+
+def list_adapters(folder: Path) -> list[Path]:
+    """Direct children that are adapters: folders and weight files (symlinks followed), sorted."""
+    if not folder.is_dir():
+        raise MissingError(f"{folder}: folder not found")
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() or p.suffix.lower() in ADAPTER_SUFFIXES:
+            out.append(p)
+        elif p.is_symlink() and not p.exists():
+            raise MissingError(f"{p}: broken symlink")
+    return out
+
+
+def from_folders(gallery: str | Path, queries: str | Path, labels: str | Path) -> EvalSet:
+    """Pair every adapter in the two folders with its label; refuse any mismatch."""
+    gallery, queries, labels = Path(gallery), Path(queries), Path(labels)
+    table = read_labels_csv(labels)
+    found: dict[str, list[EvalItem]] = {"gallery": [], "query": []}
+    seen: set[str] = set()
+    unlabelled = []
+    for role, folder in (("gallery", gallery), ("query", queries)):
+        for p in list_adapters(folder):
+            seen.add(p.name)
+            if p.name not in table:
+                unlabelled.append(str(p))
+                continue
+            label, shots = table[p.name]
+            found[role].append(EvalItem(p.name, p, role, label, shots))
+    if unlabelled:
+        more = f" (+{len(unlabelled) - 3} more)" if len(unlabelled) > 3 else ""
+        raise BadLabelsError(f"{labels}: no label for {len(unlabelled)} adapter(s): "
+                             f"{', '.join(unlabelled[:3])}{more}")
+    missing = sorted(set(table) - seen)
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise MissingError(f"{labels}: {len(missing)} name(s) not found in {gallery} or {queries}: "
+                           f"{', '.join(missing[:3])}{more}")
+    for role, folder in (("gallery", gallery), ("query", queries)):
+        if not found[role]:
+            raise MissingError(f"{folder}: no adapters in the {role} folder")
+    return EvalSet(found["gallery"], found["query"],
+                   {"gallery": str(gallery), "queries": str(queries), "labels": str(labels)})
+
+
+def from_collection(folder: str | Path, label_column: str | None = None) -> EvalSet:
+    """A collection written by ``lorasearch data make``: ``manifest.parquet`` next to the adapters."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    manifest = folder / "manifest.parquet"
+    if not manifest.is_file():
+        raise MissingError(f"{manifest}: manifest not found")
+    try:
+        table = pq.read_table(manifest).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise BadLabelsError(f"{manifest}: unreadable Parquet ({type(e).__name__}: {e})") from None
+    cols = set(table[0]) if table else set()
+    col = label_column or next((c for c in LABEL_COLUMNS if c in cols), None)
+    for need in ("path", "role", col):
+        if need is None or need not in cols:
+            raise BadLabelsError(f"{manifest}: needs columns path, role and a label column "
+                                 f"({label_column or '/'.join(LABEL_COLUMNS)}); has {sorted(cols)}")
+    found: dict[str, list[EvalItem]] = {"gallery": [], "query": []}
+    for i, row in enumerate(table):
+        role = str(row["role"] or "").lower()
+        role = {"queries": "query", "test": "query", "train": "gallery"}.get(role, role)
+        if role not in found:
+            continue
+        if not row["path"] or row[col] is None:
+            raise BadLabelsError(f"{manifest}: row {i}: empty path or {col}")
+        p = Path(row["path"])
+        p = p if p.is_absolute() else folder / p
+        if not p.exists():
+            raise MissingError(f"{manifest}: row {i}: {p} not found")
+        shots = row.get("shots")
+        shots = None if shots is None or (isinstance(shots, float) and np.isnan(shots)) else str(shots)
+        found[role].append(EvalItem(str(row["path"]), p, role, str(row[col]), shots))
+    for role in found:
+        if not found[role]:
+            raise BadLabelsError(f"{manifest}: no rows with role {role!r}")
+    return EvalSet(found["gallery"], found["query"], {"collection": str(folder), "label_column": col})
+
+
+def select_labels(es: EvalSet, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                  filter_gallery: bool = True) -> EvalSet:
+    """Held-out evaluation: keep queries (and, by default, gallery items) with these labels only."""
+    include = set(include) if include else None
+    exclude = set(exclude or ())
+    known = {it.label for it in es.items}
+    unknown = ((include or set()) | exclude) - known
+    if unknown:
+        raise UsageError(f"unknown label(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+
+    def keep(it):
+        return (include is None or it.label in include) and it.label not in exclude
+
+    queries = [it for it in es.queries if keep(it)]
+    gallery = [it for it in es.gallery if keep(it)] if filter_gallery else list(es.gallery)
+    if not queries or not gallery:
+        raise UsageError("the label selection leaves no queries or no gallery adapters")
+    src = dict(es.source, include=sorted(include) if include else None, exclude=sorted(exclude) or None,
+               filter_gallery=filter_gallery)
+    return EvalSet(gallery, queries, src)
+
+
+def load(es: EvalSet, device: str = "auto") -> EvalSet:
+    """Read and canonicalize every adapter once (errors name the file); returns a loaded copy."""
+    from lorasearch.adapters import load_adapter
+    from lorasearch.canonical import canonicalize_many
+
+    from tqdm import tqdm
+
+    items = es.items
+    bar = tqdm(items, desc="reading adapters", unit="adapter", disable=not sys.stderr.isatty(), leave=False)
+    raws = [load_adapter(it.path) for it in bar]
+    canon = canonicalize_many(raws, device=device)
+    loaded = []
+    for it, raw, c in zip(items, raws, canon):
+        if getattr(c, "raw", None) is None:
+            c.raw = raw
+        loaded.append(replace(it, canonical=c))
+    n = len(es.gallery)
+    return EvalSet(loaded[:n], loaded[n:], es.source)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _reference_scores(method: str, q: list, g: list) -> np.ndarray:
+    from lorasearch import similarity
+
+    fn = {"dense": similarity.pairwise_dense_cosine, "rawcos": similarity.pairwise_rawcos}[method]
+    return np.asarray(fn(q, g), dtype=np.float64)
+
+
+def encoder_for(spec: str, fit_on: list):
+    """``get_encoder(spec)``; an encoder that must first be fitted to a layout (FlatVec and the
+    other LoRA-WS baselines, when no checkpoint is named) is fitted on ``fit_on`` (label-free)."""
+    from lorasearch.encoders import get_encoder
+
+    enc = get_encoder(spec)
+    if callable(getattr(enc, "fit", None)) and not getattr(enc, "dim", 0):
+        enc.fit(fit_on)
+    return enc
+
+
+@dataclass
+class MethodScores:
+    name: str
+    kind: str                      # "encoder" | "reference"
+    spec: str
+    scores: np.ndarray             # [n_query, n_gallery]; NaN where the pair is not comparable
+    seconds: float
+    embeddings: dict = field(default_factory=dict)   # family -> (names, labels, roles, [n, dim]) for encoders
+
+
+def score_methods(es: EvalSet, methods: Sequence[str]) -> list[MethodScores]:
+    """Score every query against every same-family gallery adapter with each method."""
+    families = sorted({it.family for it in es.items})
+    out = []
+    for method in methods:
+        t0 = time.perf_counter()
+        S = np.full((len(es.queries), len(es.gallery)), np.nan)
+        embeddings = {}
+        ref = method in REFERENCE_METHODS
+        enc = None
+        for fam in families:
+            qi = [i for i, it in enumerate(es.queries) if it.family == fam]
+            gi = [i for i, it in enumerate(es.gallery) if it.family == fam]
+            if not qi or not gi:
+                continue
+            qc = [es.queries[i].canonical for i in qi]
+            gc = [es.gallery[i].canonical for i in gi]
+            if ref:
+                block = _reference_scores(method, qc, gc)
+            else:
+                enc = encoder_for(method, gc)   # per family: fitted layouts are per family
+                X = np.asarray(enc.encode(gc + qc), dtype=np.float32)
+                G, Q = X[:len(gc)], X[len(gc):]
+                block = Q.astype(np.float64) @ G.astype(np.float64).T
+                its = [es.gallery[i] for i in gi] + [es.queries[i] for i in qi]
+                embeddings[fam] = ([it.name for it in its], [it.label for it in its],
+                                   [it.role for it in its], X)
+            S[np.ix_(qi, gi)] = block
+        out.append(MethodScores(method, "reference" if ref else "encoder",
+                                enc.spec if enc is not None else method, S,
+                                time.perf_counter() - t0, embeddings))
+    return out
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+def evaluate(es: EvalSet, methods: Sequence[str] = ("sketch", "rawcos", "dense"), k: int = 10,
+             scored: list[MethodScores] | None = None) -> dict:
+    """Run the protocol on a loaded set; returns the versioned result object (``kind: retrieval``)."""
+    t0 = time.perf_counter()
+    if any(it.canonical is None for it in es.items):
+        es = load(es)
+    t_load = time.perf_counter() - t0
+    methods = list(dict.fromkeys(methods))
+    scored = scored if scored is not None else score_methods(es, methods)
+    qlab = np.array([it.label for it in es.queries])
+    glab = np.array([it.label for it in es.gallery])
+    qfam = np.array([it.family for it in es.queries])
+    gfam = np.array([it.family for it in es.gallery])
+    relevant = qlab[:, None] == glab[None, :]
+    valid = qfam[:, None] == gfam[None, :]
+    shots = [it.shots if it.shots is not None else "-" for it in es.queries]
+    result = {
+        "version": 1, "kind": "retrieval", "k": k,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "source": es.source,
+        "n_gallery": len(es.gallery), "n_queries": len(es.queries),
+        "labels": sorted(set(glab) | set(qlab)),
+        "families": {f: {"gallery": int((gfam == f).sum()), "queries": int((qfam == f).sum())}
+                     for f in sorted(set(gfam) | set(qfam))},
+        "excluded_cross_family_pairs": int((~valid).sum()),
+        "load_seconds": round(t_load, 3),
+        "methods": {},
+    }
+    chance = [chance_metrics(int((relevant[q] & valid[q]).sum()), int(valid[q].sum()), k)
+              if (relevant[q] & valid[q]).any() else None for q in range(len(es.queries))]
+    result["chance"] = {"overall": aggregate(chance), "per_label": aggregate_by(chance, qlab)}
+    for ms in scored:
+        per_q = evaluate_scores(np.nan_to_num(ms.scores, nan=-np.inf), relevant, valid, k)
+        entry = {"kind": ms.kind, "spec": ms.spec, "seconds": round(ms.seconds, 3),
+                 "overall": aggregate(per_q), "per_label": aggregate_by(per_q, qlab)}
+        if any(s != "-" for s in shots):
+            entry["per_shots"] = aggregate_by(per_q, shots)
+        result["methods"][ms.name] = entry
+    result["_scored"] = scored  # not JSON: embeddings for the report; dropped by `public()`
+    return result
+
+
+def machine() -> str:
+    """CPU model, core count, OS, and the GPU when torch sees one: what a reported number ran on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out += f", {torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001 - the description is best-effort
+        pass
+    return out
+
+
+def public(result: dict) -> dict:
+    """The JSON-safe part of a result."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def run(gallery=None, queries=None, labels=None, collection=None, methods=("sketch", "rawcos", "dense"),
+        include=None, exclude=None, filter_gallery=True, label_column=None, k: int = 10) -> dict:
+    """Everything `lorasearch eval retrieval` does, as one call."""
+    if collection is not None:
+        es = from_collection(collection, label_column)
+    elif gallery is not None and queries is not None and labels is not None:
+        es = from_folders(gallery, queries, labels)
+    else:
+        raise UsageError("give --collection DIR, or all of --gallery DIR --queries DIR --labels CSV")
+    if include or exclude:
+        es = select_labels(es, include, exclude, filter_gallery)
+    return evaluate(es, methods, k)
+
+
+# ----------------------------------------------------------------------------- text
+
+def _fmt(x) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, float) else str(x)
+
+
+def format_table(result: dict, markdown: bool = False) -> str:
+    """The overall table, then NDCG@k by shots and by label, one column per method."""
+    k = result["k"]
+    cols = [c.replace("10", str(k)) for c in HEADLINE]
+    names = list(result["methods"])
+    lines = []
+
+    def table(header, rows):
+        if markdown:
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "|".join("---" for _ in header) + "|")
+            lines.extend("| " + " | ".join(r) + " |" for r in rows)
+        else:
+            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+            lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+            lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        lines.append("")
+
+    lines.append(f"retrieval: {result['n_queries']} queries x {result['n_gallery']} gallery, "
+                 f"{len(result['labels'])} labels, metrics x100")
+    lines.append("")
+    rows = [[m] + [_fmt(result["methods"][m]["overall"].get(c, float("nan"))) for c in cols]
+            + [str(result["methods"][m]["overall"]["n"]), f"{result['methods'][m]['seconds']:.2f}"]
+            for m in names]
+    if "chance" in result:
+        ch = result["chance"]["overall"]
+        rows.append(["(random ranking)"] + [_fmt(ch.get(c, float("nan"))) for c in cols] + [str(ch["n"]), "-"])
+    table(["method"] + cols + ["queries", "seconds"], rows)
+    for group, title in (("per_shots", "shots"), ("per_label", "label")):
+        keys = []
+        for m in names:
+            for key in result["methods"][m].get(group, {}):
+                if key not in keys:
+                    keys.append(key)
+        if not keys:
+            continue
+        table([title] + [f"{m} NDCG@{k}" for m in names] + ["queries"],
+              [[key] + [_fmt(result["methods"][m][group].get(key, {}).get(f"ndcg@{k}", "-")) for m in names]
+               + [str(result["methods"][names[0]][group].get(key, {}).get("n", 0))] for key in keys])
+    return "\n".join(lines).rstrip() + "\n"
