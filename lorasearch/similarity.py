@@ -1,0 +1,195 @@
+"""Exact similarity of LoRA updates from their factors, never forming ΔW (DESIGN decision 3).
+
+For ΔW₁ = L₁R₁ᵀ and ΔW₂ = L₂R₂ᵀ (raw: L = scale·B, R = Aᵀ; canonical: L = U·diag σ, R = V):
+
+    ⟨ΔW₁, ΔW₂⟩_F = tr(R₁L₁ᵀL₂R₂ᵀ) = Σ_ij (L₁ᵀL₂)_ij (R₁ᵀR₂)_ij        O(r₁r₂(out+in))
+
+summed over modules matched by name. A module present in only one adapter has ΔW = 0 in the
+other: it adds nothing to the inner product and its full norm to that adapter's norm.
+Both ``LoraAdapter`` and ``CanonicalAdapter`` (and a mix) are accepted.
+
+Also the RawCos baseline of the W2T paper: cosine of the flattened raw factors as stored, which
+is *not* invariant to B→BG, A→G⁻¹A and exists to show why raw factors are the wrong thing to compare.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from lorasearch.canonical import resolve_device
+from lorasearch.errors import IncompatibleError
+from lorasearch.types import CanonicalAdapter, CanonicalModule, LoraAdapter
+
+AnyAdapter = Union[LoraAdapter, CanonicalAdapter]
+
+# Bound on the [q, g, k, l] Gram blocks held at once in pairwise_dense_cosine (elements).
+_MAX_BLOCK = 1 << 24
+
+
+def factors(adapter: AnyAdapter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (L ``[out, k]``, R ``[in, k]``) in float64 with ΔW = L Rᵀ."""
+    out = {}
+    for m in adapter.modules:
+        if isinstance(m, CanonicalModule):
+            L = np.asarray(m.U, np.float64) * np.asarray(m.sigma, np.float64)
+            R = np.asarray(m.V, np.float64)
+        else:
+            L = float(m.scale) * np.asarray(m.B, np.float64)
+            R = np.asarray(m.A, np.float64).T
+        out[m.name] = (L, R)
+    return out
+
+
+def _pair_inner(name: str, f1, f2) -> float:
+    (L1, R1), (L2, R2) = f1, f2
+    if L1.shape[0] != L2.shape[0] or R1.shape[0] != R2.shape[0]:
+        raise IncompatibleError(
+            f"module {name}: ΔW shapes {(L1.shape[0], R1.shape[0])} and {(L2.shape[0], R2.shape[0])} differ "
+            "(adapters for different base models cannot be compared)")
+    return float(np.sum((L1.T @ L2) * (R1.T @ R2)))
+
+
+def _sq_norm(f) -> float:
+    L, R = f
+    return max(0.0, float(np.sum((L.T @ L) * (R.T @ R))))
+
+
+def delta_inner(a: AnyAdapter, b: AnyAdapter) -> float:
+    """Frobenius inner product Σ_modules ⟨ΔW₁ₘ, ΔW₂ₘ⟩ (modules in only one adapter add 0)."""
+    fa, fb = factors(a), factors(b)
+    return sum(_pair_inner(n, fa[n], fb[n]) for n in fa.keys() & fb.keys())
+
+
+def delta_norm(a: AnyAdapter) -> float:
+    """‖ΔW‖_F over all modules of the adapter."""
+    return float(np.sqrt(sum(_sq_norm(f) for f in factors(a).values())))
+
+
+def delta_cosine(a: AnyAdapter, b: AnyAdapter) -> float:
+    """Cosine of the whole-adapter ΔW (0 when either update is zero)."""
+    fa, fb = factors(a), factors(b)
+    na = np.sqrt(sum(_sq_norm(f) for f in fa.values()))
+    nb = np.sqrt(sum(_sq_norm(f) for f in fb.values()))
+    if na == 0 or nb == 0:
+        return 0.0
+    ip = sum(_pair_inner(n, fa[n], fb[n]) for n in fa.keys() & fb.keys())
+    return float(np.clip(ip / (na * nb), -1.0, 1.0))
+
+
+def relative_difference(a: AnyAdapter, b: AnyAdapter) -> float:
+    """‖ΔW₁ − ΔW₂‖_F / ‖ΔW₁‖_F, accurate even when the two are nearly equal.
+
+    Per module ΔW₁ − ΔW₂ = [L₁, −L₂][R₁, R₂]ᵀ; with thin QRs of both stacks its norm is that of
+    the small product R_L R_Rᵀ, which avoids the cancellation of ‖a‖² + ‖b‖² − 2⟨a, b⟩.
+    """
+    fa, fb = factors(a), factors(b)
+    diff2 = 0.0
+    for n in fa.keys() | fb.keys():
+        if n not in fb:
+            diff2 += _sq_norm(fa[n])
+        elif n not in fa:
+            diff2 += _sq_norm(fb[n])
+        else:
+            _pair_inner(n, fa[n], fb[n])  # shape check
+            L = np.concatenate([fa[n][0], -fb[n][0]], axis=1)
+            R = np.concatenate([fa[n][1], fb[n][1]], axis=1)
+            diff2 += float(np.sum((np.linalg.qr(L, mode="r") @ np.linalg.qr(R, mode="r").T) ** 2))
+    na = np.sqrt(sum(_sq_norm(f) for f in fa.values()))
+    if na == 0:
+        return 0.0 if diff2 == 0 else float("inf")
+    return float(np.sqrt(diff2) / na)
+
+
+def _stack_module(facts: list[dict], name: str, dev, dt):
+    """Indices of the adapters having module ``name`` and their zero-padded (L, R) stacks."""
+    idx = [i for i, f in enumerate(facts) if name in f]
+    if not idx:
+        return idx, None, None
+    k = max(facts[i][name][0].shape[1] for i in idx)
+    o, n_in = facts[idx[0]][name][0].shape[0], facts[idx[0]][name][1].shape[0]
+    L = np.zeros((len(idx), o, k))
+    R = np.zeros((len(idx), n_in, k))
+    for j, i in enumerate(idx):
+        Li, Ri = facts[i][name]
+        if Li.shape[0] != o or Ri.shape[0] != n_in:
+            raise IncompatibleError(f"module {name}: ΔW shapes differ between adapters "
+                                    f"({(o, n_in)} vs {(Li.shape[0], Ri.shape[0])})")
+        L[j, :, :Li.shape[1]] = Li   # zero columns add nothing: padding to a common rank is exact
+        R[j, :, :Ri.shape[1]] = Ri
+    return idx, torch.from_numpy(L).to(dev, dt), torch.from_numpy(R).to(dev, dt)
+
+
+def pairwise_dense_cosine(queries: Sequence[AnyAdapter], gallery: Sequence[AnyAdapter],
+                          device="auto", dtype=torch.float64) -> np.ndarray:
+    """Exact dense cosine ``[nq, ng]`` of ΔW between every query and gallery adapter.
+
+    The reference method benchmarks print beside an encoder. Per module, all adapters' factors
+    are stacked (padded to a common rank) so the Grams L_qᵀL_g and R_qᵀR_g are a few large matmuls.
+    """
+    dev = resolve_device(device)
+    fq = [factors(a) for a in queries]
+    fg = [factors(a) for a in gallery]
+    nq = np.sqrt([sum(_sq_norm(f) for f in d.values()) for d in fq])
+    ng = np.sqrt([sum(_sq_norm(f) for f in d.values()) for d in fg])
+    dots = torch.zeros(len(fq), len(fg), dtype=dtype, device=dev)
+    names = set().union(*[d.keys() for d in fq]) & set().union(*[d.keys() for d in fg]) if fq and fg else set()
+    for name in sorted(names):
+        qi, Lq, Rq = _stack_module(fq, name, dev, dtype)
+        gi, Lg, Rg = _stack_module(fg, name, dev, dtype)
+        if not qi or not gi:
+            continue
+        if Lq.shape[1] != Lg.shape[1] or Rq.shape[1] != Rg.shape[1]:
+            raise IncompatibleError(f"module {name}: ΔW shapes differ between queries and gallery")
+        kq, kg = Lq.shape[2], Lg.shape[2]
+        gidx = torch.tensor(gi, device=dev)
+        step = max(1, _MAX_BLOCK // max(1, len(gi) * kq * kg))
+        for s in range(0, len(qi), step):
+            GL = torch.einsum("aok,bol->abkl", Lq[s:s + step], Lg)
+            GR = torch.einsum("aik,bil->abkl", Rq[s:s + step], Rg)
+            rows = torch.tensor(qi[s:s + step], device=dev)
+            dots[rows[:, None], gidx[None, :]] += (GL * GR).sum(dim=(2, 3))
+    denom = np.outer(nq, ng)
+    d = dots.cpu().numpy()
+    return np.clip(np.divide(d, denom, out=np.zeros_like(d), where=denom > 0), -1.0, 1.0)
+
+
+def _raw_vectors(adapter: AnyAdapter) -> dict[tuple, np.ndarray]:
+    """(module, factor, shape) -> the factor flattened as stored (scale not applied)."""
+    raw = adapter.raw if isinstance(adapter, CanonicalAdapter) else adapter
+    if raw is None:
+        raise IncompatibleError("RawCos needs the raw factors, but this canonical adapter has no .raw")
+    out = {}
+    for m in raw.modules:
+        out[(m.name, "A", tuple(m.A.shape))] = np.asarray(m.A, np.float64).ravel()
+        out[(m.name, "B", tuple(m.B.shape))] = np.asarray(m.B, np.float64).ravel()
+    return out
+
+
+def pairwise_rawcos(queries: Sequence[AnyAdapter], gallery: Sequence[AnyAdapter]) -> np.ndarray:
+    """RawCos (W2T baseline): cosine of all raw factors A and B, flattened and concatenated.
+
+    Factors whose (module, shape) differ between two adapters (e.g. different ranks) add 0 to
+    the dot product but count in the norms. Not invariant under B→BG, A→G⁻¹A by design.
+    """
+    vq = [_raw_vectors(a) for a in queries]
+    vg = [_raw_vectors(a) for a in gallery]
+    nq = np.sqrt([sum(float(x @ x) for x in d.values()) for d in vq])
+    ng = np.sqrt([sum(float(x @ x) for x in d.values()) for d in vg])
+    dots = np.zeros((len(vq), len(vg)))
+    where_q, where_g = defaultdict(list), defaultdict(list)
+    for i, d in enumerate(vq):
+        for key in d:
+            where_q[key].append(i)
+    for i, d in enumerate(vg):
+        for key in d:
+            where_g[key].append(i)
+    for key in where_q.keys() & where_g.keys():
+        qi, gi = where_q[key], where_g[key]
+        Xq = np.stack([vq[i][key] for i in qi])
+        Xg = np.stack([vg[i][key] for i in gi])
+        dots[np.ix_(qi, gi)] += Xq @ Xg.T
+    denom = np.outer(nq, ng)
+    return np.clip(np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0), -1.0, 1.0)
