@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from lorasearch.encoders.base import Encoder, l2_normalize, register
-from lorasearch.encoders.sketch import _one_thread, buckets_and_signs, parse_args, stable_seed
+from lorasearch.canonical import single_thread
+from lorasearch.encoders.sketch import buckets_and_signs, parse_args, stable_seed
 from lorasearch.errors import UsageError
 from lorasearch.types import CanonicalAdapter
 
@@ -62,7 +63,7 @@ class RawCosEncoder(Encoder):
         out = np.zeros((len(adapters), dim), np.float64)
         if any(ad.raw is None for ad in adapters):
             raise UsageError("the rawcos encoder needs raw factors, but a canonical adapter has no .raw")
-        with _one_thread():
+        with single_thread():
             for ai, ad in enumerate(adapters):
                 z = torch.zeros(dim // 2 + 1, dtype=torch.complex128)
                 for m in ad.raw.modules:

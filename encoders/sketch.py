@@ -22,18 +22,18 @@ matmul on a view. A side of size ≤ p is not sketched at all (Ω = I, exact). T
 of a family gets the same matrices in every process and on every machine.
 
 Resolution: like any data-independent linear sketch, cosines carry an error of about 1/√dim
-(≈ 0.045 at dim 512); the index therefore re-ranks its top candidates by the exact cosine
+(≈ 0.045 at dim 512, 0.03 at the default 1024); the index therefore re-ranks its top candidates by the exact cosine
 (``lorasearch.similarity``).
 """
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from lorasearch.canonical import single_thread
 from lorasearch.encoders.base import Encoder, l2_normalize, register
 from lorasearch.errors import UsageError
 from lorasearch.types import CanonicalAdapter
@@ -106,7 +106,7 @@ class SketchEncoder(Encoder):
     version = "1"
     needs_raw = False
 
-    def __init__(self, dim: int = 512, rows: int = 32, weighting: str = "unit", seed: int = 0):
+    def __init__(self, dim: int = 1024, rows: int = 32, weighting: str = "unit", seed: int = 0):
         if weighting not in WEIGHTINGS:
             raise UsageError(f"sketch weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
         if dim < 1 or rows < 1:
@@ -115,47 +115,32 @@ class SketchEncoder(Encoder):
 
     @property
     def spec(self) -> str:
-        args = [f"{k}={v}" for k, v, d in (("dim", self.dim, 512), ("rows", self.rows, 32),
+        args = [f"{k}={v}" for k, v, d in (("dim", self.dim, 1024), ("rows", self.rows, 32),
                                            ("weighting", self.weighting, "unit"), ("seed", self.seed, 0))
                 if v != d]
         return self.name + (":" + ",".join(args) if args else "")
 
     def encode(self, adapters: list[CanonicalAdapter]) -> np.ndarray:
         rows, dim, seed = self.rows, self.dim, self.seed
-        by_module: dict[tuple, list] = {}   # (name, out, in) -> [(adapter index, U·diag(wσ), V)]
-        for ai, ad in enumerate(adapters):
-            for m in ad.modules:
-                s = np.asarray(m.sigma, np.float32)
-                norm = float(np.sqrt(np.sum(s.astype(np.float64) ** 2)))
-                if norm == 0.0:
-                    continue
-                w = s / np.float32(norm) if self.weighting == "unit" else s
-                U, V = np.asarray(m.U, np.float32), np.asarray(m.V, np.float32)
-                by_module.setdefault((m.name, U.shape[0], V.shape[0]), []).append((ai, U * w, V))
-        out = torch.zeros(len(adapters) * dim, dtype=torch.float64)
-        with _one_thread():
-            for (name, n_out, n_in), items in by_module.items():
-                omega, psi, bucket, sign = _module_random(name, n_out, n_in, rows, dim, seed)
-                # Every adapter's factors for this module go through one matmul per side.
-                T = omega.T @ torch.from_numpy(np.concatenate([it[1] for it in items], axis=1))  # [p, Σk]
-                W = psi.T @ torch.from_numpy(np.concatenate([it[2] for it in items], axis=1))    # [q, Σk]
-                cuts = [it[1].shape[1] for it in items]
-                S = torch.stack([t @ w_.T for t, w_ in zip(T.split(cuts, 1), W.split(cuts, 1))])  # [n, p, q]
-                idx = bucket[None, :] + dim * torch.tensor([it[0] for it in items])[:, None]
-                out.index_add_(0, idx.reshape(-1), (S.reshape(len(items), -1) * sign).reshape(-1).double())
+        vals, idx = [], []
+        with single_thread():
+            for ai, ad in enumerate(adapters):
+                for m in ad.modules:
+                    s = torch.from_numpy(np.asarray(m.sigma, np.float32))
+                    norm = float(torch.linalg.vector_norm(s.double()))
+                    if norm == 0.0:
+                        continue
+                    w = s / norm if self.weighting == "unit" else s
+                    U = torch.from_numpy(np.asarray(m.U, np.float32))
+                    V = torch.from_numpy(np.asarray(m.V, np.float32))
+                    omega, psi, bucket, sign = _module_random(m.name, U.shape[0], V.shape[0], rows, dim, seed)
+                    S = ((omega.T @ U) * w) @ (psi.T @ V).T          # Ω_mᵀ U diag(wσ) Vᵀ Ψ_m   [p, q]
+                    vals.append(S.reshape(-1) * sign)
+                    idx.append(bucket + ai * dim)
+            out = torch.zeros(len(adapters) * dim, dtype=torch.float64)
+            if vals:
+                out.index_add_(0, torch.cat(idx), torch.cat(vals).double())
         return l2_normalize(out.reshape(len(adapters), dim).numpy())
-
-
-@contextmanager
-def _one_thread():
-    """Run the sketch's skinny matmuls on one thread: splitting them across threads gains nothing
-    and, on a busy machine, OpenMP barriers made each one up to 100× slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def parse_args(arg: str | None, allowed: dict[str, type]) -> dict:
