@@ -263,6 +263,9 @@ def score_methods(es: EvalSet, methods: Sequence[str]) -> list[MethodScores]:
     families = sorted({it.family for it in es.items})
     out = []
     for method in methods:
+        if "+rerank@" in method:   # what `lorasearch query` returns: encoder top-N re-scored exactly
+            out.append(_reranked(es, method, out))
+            continue
         t0 = time.perf_counter()
         S = np.full((len(es.queries), len(es.gallery)), np.nan)
         embeddings = {}
@@ -290,6 +293,29 @@ def score_methods(es: EvalSet, methods: Sequence[str]) -> list[MethodScores]:
                                 enc.spec if enc is not None else method, S,
                                 time.perf_counter() - t0, embeddings))
     return out
+
+
+def _reranked(es: EvalSet, method: str, done: list[MethodScores]) -> MethodScores:
+    """``SPEC+rerank@N``: rank by the encoder, then re-score its top N by the exact dense cosine
+    (the query path of the index); the rest keep their encoder order below them."""
+    base_spec, _, n = method.partition("+rerank@")
+    try:
+        n_top = int(n)
+    except ValueError:
+        raise UsageError(f"bad method {method!r}: expected SPEC+rerank@N with N an integer") from None
+    t0 = time.perf_counter()
+    have = {m.name: m for m in done}
+    base = have.get(base_spec) or score_methods(es, [base_spec])[0]
+    dense = have.get("dense") or score_methods(es, ["dense"])[0]
+    S = np.full_like(base.scores, np.nan)
+    for qi in range(S.shape[0]):
+        row = base.scores[qi]
+        ok = np.flatnonzero(~np.isnan(row))
+        top = ok[np.argsort(-row[ok], kind="stable")[:n_top]]
+        S[qi, ok] = row[ok] - 10.0          # below every re-scored candidate (cosines are ≥ -1)
+        S[qi, top] = dense.scores[qi, top]
+    seconds = base.seconds + (time.perf_counter() - t0) + dense.seconds * min(1.0, n_top / max(1, S.shape[1]))
+    return MethodScores(method, "encoder", f"{base.spec}+rerank@{n_top}", S, seconds, base.embeddings)
 
 
 # ----------------------------------------------------------------------------- the protocol

@@ -227,3 +227,25 @@ def test_cross_family_pairs_are_excluded(tmp_path):
     # identical copies in gallery and queries: every method finds the twin first
     for m in obj["methods"].values():
         assert m["overall"]["hit@1"] == 1.0
+
+
+def test_rerank_method_reorders_top_candidates_by_dense_cosine():
+    from lorasearch.canonical import canonicalize_many
+
+    g, q = [], []
+    for role, li, j, shots, ad in synthetic_members():
+        c = canonicalize_many([ad])[0]
+        item = R.EvalItem(f"{role}{li}{j}", Path("."), role, f"label{li}",
+                          None if shots is None else str(shots), c)
+        (g if role == "gallery" else q).append(item)
+    es = R.EvalSet(g, q)
+    scored = R.score_methods(es, ["rawcos", "dense", "rawcos+rerank@3", f"rawcos+rerank@{len(g)}"])
+    by = {m.name: m for m in scored}
+    full, dense, top3 = by[f"rawcos+rerank@{len(g)}"], by["dense"], by["rawcos+rerank@3"]
+    assert np.allclose(full.scores, dense.scores)          # re-scoring everything is the dense method
+    for qi in range(len(q)):
+        best3 = np.argsort(-by["rawcos"].scores[qi], kind="stable")[:3]
+        assert set(np.argsort(-top3.scores[qi], kind="stable")[:3]) == set(best3)
+        assert np.allclose(top3.scores[qi, best3], dense.scores[qi, best3])
+    with pytest.raises(R.UsageError):
+        R.score_methods(es, ["rawcos+rerank@x"])
