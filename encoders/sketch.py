@@ -103,7 +103,7 @@ class SketchEncoder(Encoder):
     """Seeded two-sided sketch of each module's ΔW, count-sketched into ``dim`` dimensions."""
 
     name = "sketch"
-    version = "1"
+    version = "2"   # 2: default dim 1024 (was 512)
     needs_raw = False
 
     def __init__(self, dim: int = 1024, rows: int = 32, weighting: str = "unit", seed: int = 0):

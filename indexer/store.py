@@ -27,6 +27,7 @@ import numbers
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -97,7 +98,7 @@ class LoraIndex:
             except (OSError, sqlite3.Error) as e:
                 raise MissingError(f"{root}: cannot create an index here ({getattr(e, 'strerror', None) or e})") from None
         else:
-            catalog = Catalog(catalog_path, readonly=readonly)
+            catalog = cls._open_existing(catalog_path, readonly)
         try:
             catalog.check_schema()
         except Exception:
@@ -106,6 +107,23 @@ class LoraIndex:
         if not readonly:
             (root / SNAPSHOT_DIR).mkdir(exist_ok=True)
         return cls(root, catalog, readonly, gpu_ordinal, lock_timeout)
+
+    @staticmethod
+    def _open_existing(catalog_path: Path, readonly: bool) -> Catalog:
+        """Open a catalog file; if it has no schema yet and was just created, another process is
+        creating it (its schema transaction has not committed): wait a little instead of failing."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            catalog = Catalog(catalog_path, readonly=readonly)
+            try:
+                catalog.check_schema()
+                return catalog
+            except IncompatibleError as e:
+                catalog.close()
+                young = time.time() - catalog_path.stat().st_mtime < 30
+                if "no such table" not in str(e) or not young or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         with self._mutex:

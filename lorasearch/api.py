@@ -32,6 +32,18 @@ def default_index_path() -> Path:
     return Path(os.environ.get("LORASEARCH_INDEX") or DEFAULT_INDEX)
 
 
+def adapter_root(path: Path) -> Path:
+    """The path an adapter is known by: a PEFT folder's ``adapter_model.safetensors`` is its folder
+    (the folder's config holds alpha, and the index keys PEFT adapters by folder)."""
+    if path.name == "adapter_model.safetensors" and (path.parent / "adapter_config.json").is_file():
+        return path.parent
+    return path
+
+
+def is_peft_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
 def stat_adapter(path: Path) -> tuple[int, int]:
     """(size, mtime_ns) of an adapter file, or of a PEFT folder's files taken together."""
     if path.is_dir():
@@ -73,12 +85,14 @@ class Lorasearch:
     """An index of LoRA adapters on disk plus the encoder that built it."""
 
     def __init__(self, index_path: str | os.PathLike | None = None, encoder: str | None = None,
-                 device: str = "auto", create: bool = False, readonly: bool = False):
+                 device: str = "auto", create: bool = False, readonly: bool = False,
+                 lock_timeout: float = 0.0):
         from lorasearch.indexer import LoraIndex
 
         self.path = Path(index_path) if index_path is not None else default_index_path()
         self.device = device
-        self.index = LoraIndex.open(self.path, create=create, readonly=readonly, device=device)
+        self.index = LoraIndex.open(self.path, create=create, readonly=readonly, device=device,
+                                    lock_timeout=lock_timeout)
         self._encoder_spec = encoder
         self._encoder = None
 
@@ -98,64 +112,86 @@ class Lorasearch:
             self._encoder = get_encoder(spec)
         return self._encoder
 
-    def _embed(self, adapters: list) -> np.ndarray:
+    def _embed(self, adapters: list) -> tuple[np.ndarray, list[float]]:
+        """Embeddings and ‖ΔW‖_F of each adapter; the norm comes free from the canonical σ
+        (similarity.delta_norm on the raw factors costs seconds for an SD adapter)."""
         from lorasearch.canonical import canonicalize_many
 
         canon = canonicalize_many(adapters, device=self.device)
-        return self.encoder.encode(canon)
+        norms = [float(np.sqrt(sum(float(np.sum(np.asarray(m.sigma, np.float64) ** 2)) for m in c.modules)))
+                 for c in canon]
+        return self.encoder.encode(canon), norms
 
     # -- writing -----------------------------------------------------------------------------
     def index_dir(self, root: str | os.PathLike, prune: bool = False,
                   progress: bool | None = None) -> SyncReport:
-        """Index every adapter under ``root``; skip unchanged files; optionally prune deleted ones."""
+        """Index every adapter under ``root``; skip unchanged files; optionally prune deleted ones.
+
+        ``root`` may also be a single adapter file or PEFT folder (then only it is indexed/pruned).
+        """
         from lorasearch.adapters import find_adapters
 
         root = Path(root)
         if not root.exists():
             raise MissingError(f"{root}: no such file or directory")
-        if not root.is_dir():
-            raise MissingError(f"{root}: not a directory (use `lorasearch add FILE` for single files)")
-        paths = find_adapters(root)
+        paths = [adapter_root(root)] if root.is_file() or is_peft_folder(root) else find_adapters(root)
         report = self._sync(paths, progress=progress)
         if prune:
-            under = str(root.resolve())
-            present = {str(p.resolve()) for p in paths}
-            gone = [r["path"] for r in self.index.records()
-                    if (r["path"] + os.sep).startswith(under + os.sep) and r["path"] not in present]
-            if gone:
-                with self.index.writer():
-                    self.index.remove(gone)
-                report.removed.extend(gone)
+            self._prune(root, {os.path.realpath(p) for p in paths}, report)
         return report
 
+    def _prune(self, root: Path, present: set[str], report: SyncReport) -> None:
+        """Remove indexed adapters under ``root`` (or ``root`` itself) that are not in ``present``."""
+        under = os.path.realpath(root)
+        gone = [p for p in self.index.fingerprints()
+                if (p == under or p.startswith(under.rstrip(os.sep) + os.sep)) and p not in present]
+        if gone:
+            with self.index.writer():
+                self.index.remove(gone)
+            report.removed.extend(sorted(gone))
+
     def add(self, paths: Iterable[str | os.PathLike], progress: bool | None = None) -> SyncReport:
-        """Add or refresh specific adapter files/folders."""
+        """Add or refresh adapter files and PEFT folders; a plain folder adds every adapter under it."""
+        from lorasearch.adapters import find_adapters
+
         todo = []
         report = SyncReport()
         for p in paths:
             p = Path(p)
             if not p.exists():
                 report.errors.append((str(p), f"{p}: no such file or directory"))
+            elif p.is_dir() and not is_peft_folder(p):
+                found = find_adapters(p)
+                if not found:
+                    report.errors.append((str(p), f"{p}: no adapters in this folder"))
+                todo.extend(found)
             else:
-                todo.append(p)
+                todo.append(adapter_root(p))
         sub = self._sync(todo, progress=progress)
         sub.errors = report.errors + sub.errors
         return sub
 
     def remove(self, ids_or_paths: Iterable[str | int]) -> tuple[list[str], list[str]]:
-        """Remove by id or path. Returns (removed, not_found)."""
+        """Remove by id, path (absolute or relative, the file need not exist any more) or folder
+        (every adapter indexed under it). Returns (removed paths, items not found)."""
         removed, missing = [], []
-        targets = []
+        fps = None
         for item in ids_or_paths:
             rec = self._lookup(item)
-            if rec is None:
-                missing.append(str(item))
-            else:
-                targets.append(rec["path"])
+            if rec is not None:
                 removed.append(rec["path"])
-        if targets:
+                continue
+            fps = self.index.fingerprints() if fps is None else fps
+            under = os.path.realpath(adapter_root(Path(str(item)))).rstrip(os.sep) + os.sep
+            inside = sorted(p for p in fps if p.startswith(under))
+            if inside and not str(item).isdigit():
+                removed.extend(inside)
+            else:
+                missing.append(str(item))
+        removed = list(dict.fromkeys(removed))
+        if removed:
             with self.index.writer():
-                self.index.remove(targets)
+                self.index.remove(removed)
         return removed, missing
 
     def _lookup(self, item: str | int):
@@ -164,68 +200,100 @@ class Lorasearch:
             rec = self.index.get(int(text))
             if rec is not None:
                 return rec
-        return self.index.by_path(str(Path(text).resolve()))
+        return self.index.by_path(os.path.realpath(adapter_root(Path(text))))
 
     def _sync(self, paths: list[Path], progress: bool | None = None) -> SyncReport:
-        """The one ingest path: stat → (skip | hash → (touch | load → embed → upsert))."""
-        from lorasearch.adapters import adapter_sha256, load_adapter
+        """The one ingest path: stat → (skip | hash → (touch | load → embed → upsert)).
 
+        Paths are keyed by their real path, so a symlink and its target (or two links to one file)
+        are one adapter. Only what reached the catalog is reported as added/updated: if the run is
+        interrupted, the exception carries ``partial_report`` with what was kept.
+        """
         report = SyncReport()
-        work: list[tuple[Path, int, int, dict | None]] = []
+        known = self.index.fingerprints()    # one query: {path: (id, size, mtime_ns, sha256, family)}
+        work: list[tuple[Path, int, int, tuple | None]] = []
+        seen: set[str] = set()
         for p in paths:
-            resolved = p.resolve()
+            key = os.path.realpath(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            resolved = Path(key)
             try:
                 size, mtime = stat_adapter(resolved)
             except OSError as e:
                 report.errors.append((str(p), f"{p}: {e.strerror or e}"))
                 continue
-            old = self.index.by_path(str(resolved))
-            if old is not None and old["size"] == size and old["mtime_ns"] == mtime:
-                report.unchanged.append(str(resolved))
+            old = known.get(key)
+            if old is not None and old[1] == size and old[2] == mtime:
+                report.unchanged.append(key)
             else:
                 work.append((resolved, size, mtime, old))
         if not work:
             return report
         _ = self.encoder  # resolve (and check) the encoder before taking the lock
         bar = _progress(len(work), "indexing", progress)
-        with self.index.writer():
-            batch: list[dict] = []
-            adapters: list = []
-            for resolved, size, mtime, old in work:
-                try:
-                    sha = adapter_sha256(resolved)
-                    if old is not None and old["sha256"] == sha:
-                        # same bytes, only the timestamp moved: refresh stat, keep the vector
-                        self.index.touch(old["id"], size=size, mtime_ns=mtime)
-                        report.unchanged.append(str(resolved))
-                        bar.update(1)
-                        continue
-                    adapter = load_adapter(resolved, sha256=sha)
-                except LorasearchError as e:
-                    report.errors.append((str(resolved), str(e)))
-                    bar.update(1)
-                    continue
-                except OSError as e:
-                    report.errors.append((str(resolved), f"{resolved}: {e.strerror or e}"))
-                    bar.update(1)
-                    continue
-                adapter.sha256 = sha
-                batch.append(self._record(adapter, resolved, size, mtime))
-                adapters.append(adapter)
-                (report.updated if old is not None else report.added).append(str(resolved))
-                if len(adapters) >= EMBED_BATCH:
-                    self._flush(batch, adapters)
-                    bar.update(len(adapters))
-                    batch, adapters = [], []
-            if adapters:
-                self._flush(batch, adapters)
-                bar.update(len(adapters))
-        bar.close()
+        try:
+            with self.index.writer():
+                self._ingest(work, report, bar)
+        except BaseException as e:
+            e.partial_report = report
+            raise
+        finally:
+            bar.close()
         return report
+
+    def _ingest(self, work: list, report: SyncReport, bar) -> None:
+        from lorasearch.adapters import adapter_sha256, load_adapter
+
+        pending: list[tuple[dict, object, bool]] = []   # (record, adapter, was it indexed before)
+        for resolved, size, mtime, old in work:
+            try:
+                sha = adapter_sha256(resolved)
+                if old is not None and old[3] == sha:
+                    # same bytes, only the timestamp moved: refresh stat, keep the vector
+                    self.index.touch(old[0], size=size, mtime_ns=mtime)
+                    report.unchanged.append(str(resolved))
+                    bar.update(1)
+                    continue
+                adapter = load_adapter(resolved, sha256=sha)
+                adapter.sha256 = sha
+                pending.append((self._record(adapter, resolved, size, mtime), adapter, old is not None))
+            except (LorasearchError, OSError) as e:
+                msg = str(e) if isinstance(e, LorasearchError) else f"{resolved}: {e.strerror or e}"
+                report.errors.append((str(resolved), msg))
+                bar.update(1)
+                continue
+            if len(pending) >= EMBED_BATCH:
+                self._flush(pending, report)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            self._flush(pending, report)
+            bar.update(len(pending))
+
+    def _flush(self, pending: list, report: SyncReport) -> None:
+        """Embed and upsert one batch; if the batch fails, retry one by one so one adapter the
+        canonicalizer/encoder rejects costs only itself."""
+        try:
+            vecs, norms = self._embed([a for _r, a, _o in pending])
+        except LorasearchError as e:
+            if len(pending) == 1:
+                report.errors.append((pending[0][0]["path"], str(e)))
+            else:
+                for item in pending:
+                    self._flush([item], report)
+            return
+        enc = self.encoder
+        self.index.check_encoder(enc.spec, enc.version, enc.dim)
+        for (rec, _a, _o), v, n in zip(pending, vecs, norms):
+            rec["embedding"], rec["delta_norm"] = v, n
+        self.index.upsert([rec for rec, _a, _o in pending])
+        for rec, _a, was_indexed in pending:           # acknowledged: the transaction committed
+            (report.updated if was_indexed else report.added).append(rec["path"])
 
     def _record(self, adapter, path: Path, size: int, mtime: int) -> dict:
         from lorasearch.adapters import describe
-        from lorasearch.similarity import delta_norm
 
         info = describe(adapter)
         info.pop("modules", None)   # the per-module table is recomputed by `info`; keep rows small
@@ -233,16 +301,8 @@ class Lorasearch:
             "path": str(path), "sha256": adapter.sha256, "size": size, "mtime_ns": mtime,
             "format": adapter.format, "family": adapter.family,
             "ranks": sorted({m.rank for m in adapter.modules}), "n_modules": len(adapter.modules),
-            "delta_norm": float(delta_norm(adapter)), "metadata": adapter.metadata, "info": info,
+            "metadata": adapter.metadata, "info": info,   # delta_norm: set by _flush
         }
-
-    def _flush(self, batch: list[dict], adapters: list) -> None:
-        vecs = self._embed(adapters)
-        enc = self.encoder
-        self.index.check_encoder(enc.spec, enc.version, enc.dim)
-        for rec, v in zip(batch, vecs):
-            rec["embedding"] = v
-        self.index.upsert(batch)
 
     # -- reading -----------------------------------------------------------------------------
     def query(self, path: str | os.PathLike, k: int = 10, threshold: float | None = None,
@@ -252,24 +312,33 @@ class Lorasearch:
         ``rerank``: how many FAISS candidates to re-score by the exact ΔW cosine (default
         max(2k, 20); 0 turns re-ranking off and scores are embedding cosines).
         """
+        import math
+
         from lorasearch.adapters import load_adapter
-        from lorasearch.similarity import delta_cosine, delta_norm
+        from lorasearch.canonical import canonicalize_many
+        from lorasearch.errors import UsageError
 
         if k < 1:
-            raise LorasearchError("k must be at least 1")
+            raise UsageError(f"k must be at least 1, not {k}")
+        if threshold is not None and not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
+            raise UsageError(f"threshold is a cosine and must be between -1 and 1, not {threshold}")
+        if rerank is not None and rerank < 0:
+            raise UsageError(f"rerank must be 0 or more, not {rerank}")
         path = Path(path)
         if not path.exists():
             raise MissingError(f"{path}: no such file or directory")
-        adapter = load_adapter(path)
-        qvec = self._embed([adapter])
+        if path.is_dir() and not is_peft_folder(path):
+            raise BadAdapterError(path, "is a folder without adapter_config.json; query one adapter file or PEFT folder")
+        adapter = load_adapter(adapter_root(path))
+        qcanon = canonicalize_many([adapter], device=self.device)[0]
+        qvec = self.encoder.encode([qcanon])
         enc = self.encoder
         recorded = self.index.encoder_spec()
         if recorded is not None:
             self.index.check_encoder(enc.spec, enc.version, enc.dim)
         n_rerank = max(2 * k, 20) if rerank is None else rerank
         hits = self.index.search(qvec, adapter.family, max(k, n_rerank))[0] if recorded else []
-        qnorm = delta_norm(adapter)
-        results = []
+        results, to_score = [], []
         for rank_pos, (rid, emb_score) in enumerate(hits):
             rec = self.index.get(rid)
             if rec is None:
@@ -282,13 +351,14 @@ class Lorasearch:
             elif rank_pos < n_rerank:
                 other = self._load_indexed(rec)
                 if other is not None:
-                    cos = float(delta_cosine(adapter, other))
-                    item.update(score=cos, reranked=True)
-                    onorm = rec.get("delta_norm") or delta_norm(other)
-                    if cos >= SAME_UPDATE_COSINE and qnorm > 0 and \
-                            abs(onorm / qnorm - 1.0) <= SAME_UPDATE_NORM_TOL:
-                        item["match"] = "same-update"
+                    to_score.append((item, other, rec.get("delta_norm")))
             results.append(item)
+        if to_score:
+            qnorm, cosines, norms = exact_cosines(qcanon, [o for _i, o, _n in to_score], [n for *_x, n in to_score])
+            for (item, _o, _n), cos, onorm in zip(to_score, cosines, norms):
+                item.update(score=float(cos), reranked=True)
+                if cos >= SAME_UPDATE_COSINE and qnorm > 0 and abs(onorm / qnorm - 1.0) <= SAME_UPDATE_NORM_TOL:
+                    item["match"] = "same-update"
         order = {"exact": 0, "same-update": 1, "similar": 2}
         results.sort(key=lambda r: (order[r["match"]], -r["score"]))
         if threshold is not None:
@@ -301,20 +371,22 @@ class Lorasearch:
             "version": JSON_VERSION,
             "query": {"path": str(path), "sha256": adapter.sha256, "format": adapter.format,
                       "family": adapter.family, "n_modules": len(adapter.modules),
-                      "encoder": enc.spec, "k": k, "threshold": threshold},
+                      "encoder": enc.spec, "k": k, "threshold": threshold,
+                      "indexed_in_family": self.index.count(adapter.family)},
             "results": [{key: r[key] for key in ("rank", "id", "path", "score", "match", "embedding_score",
                                                   "reranked", "family", "format", "sha256")} for r in results],
         }
 
     def _load_indexed(self, rec: dict):
-        """Load an indexed adapter for exact re-scoring, only if it is still the file we indexed."""
+        """Load an indexed adapter for exact re-scoring, only if it is still the file we indexed
+        (same size and mtime; its sha256 is then the catalog's, so it is not hashed again)."""
         from lorasearch.adapters import load_adapter
 
         p = Path(rec["path"])
         try:
             if stat_adapter(p) != (rec["size"], rec["mtime_ns"]):
                 return None
-            return load_adapter(p)
+            return load_adapter(p, sha256=rec["sha256"])
         except (LorasearchError, OSError):
             return None
 
@@ -326,48 +398,112 @@ class Lorasearch:
     # -- watching ----------------------------------------------------------------------------
     def watch(self, root: str | os.PathLike, interval: float = 2.0, prune: bool = True,
               stop: Callable[[], bool] | None = None,
-              on_report: Callable[[SyncReport], None] | None = None) -> None:
+              on_report: Callable[[SyncReport], None] | None = None,
+              on_note: Callable[[str], None] | None = None, settle: float | None = None) -> None:
         """Poll ``root`` and index adapters as they appear, change or disappear.
 
         A file is read only once its (size, mtime) has been the same for two consecutive polls,
-        so a file still being written (copy, download) is never read half-way; a file that then
-        fails to parse is retried when it changes again. Polling, not inotify: it works the same
-        on network file systems and in containers, and the cost is one stat per adapter.
+        so a file still being written (copy, download) is normally never read. A writer that pauses
+        longer than that can still leave a half-written file: a file that fails to parse while its
+        mtime is younger than ``settle`` seconds (default max(5, 4·interval)) is silently retried;
+        only an older one is reported, once, and retried when it changes again. Polling, not
+        inotify: it works the same on network file systems and in containers, and the cost is one
+        stat per adapter. A busy index (another writer) or a vanished ``root`` skips a round.
         """
         from lorasearch.adapters import find_adapters
+        from lorasearch.errors import IndexLockedError
 
         root = Path(root)
         if not root.is_dir():
             raise MissingError(f"{root}: not a directory")
+        settle = max(5.0, 4 * interval) if settle is None else settle
+        note = on_note or (lambda _msg: None)
         seen: dict[str, tuple[int, int]] = {}
         failed: dict[str, tuple[int, int]] = {}
         while True:
-            current: dict[str, tuple[int, int]] = {}
-            for p in find_adapters(root):
+            try:
+                current = self._scan(find_adapters(root))
+            except MissingError:
+                note(f"{root} is gone; waiting for it to come back")
+                current = None
+            if current is not None:
+                stable = [Path(p) for p, st in current.items() if seen.get(p) == st and failed.get(p) != st]
                 try:
-                    current[str(p.resolve())] = stat_adapter(p.resolve())
-                except OSError:
-                    continue
-            stable = [Path(p) for p, st in current.items()
-                      if seen.get(p) == st and failed.get(p) != st]
-            report = self._sync(stable, progress=False) if stable else SyncReport()
-            for p, _msg in report.errors:
-                if p in current:
-                    failed[p] = current[p]
-            if prune:
-                under = str(root.resolve())
-                gone = [r["path"] for r in self.index.records()
-                        if (r["path"] + os.sep).startswith(under + os.sep) and r["path"] not in current]
-                if gone:
-                    with self.index.writer():
-                        self.index.remove(gone)
-                    report.removed.extend(gone)
-            if on_report and (report.added or report.updated or report.removed or report.errors):
-                on_report(report)
-            seen = current
+                    report = self._sync(stable, progress=False) if stable else SyncReport()
+                    held = []
+                    for p, msg in report.errors:
+                        st = current.get(p)
+                        if st is not None and time.time() - st[1] / 1e9 < settle:
+                            held.append((p, msg))       # young file: probably still being written
+                        elif st is not None:
+                            failed[p] = st
+                    report.errors = [e for e in report.errors if e not in held]
+                    if prune:
+                        self._prune(root, set(current), report)
+                except IndexLockedError as e:
+                    note(f"{e} (retrying)")
+                    report = SyncReport()
+                    current = seen                      # try the same files again next round
+                if on_report and (report.added or report.updated or report.removed or report.errors):
+                    on_report(report)
+                seen = current
             if stop is not None and stop():
                 return
             time.sleep(interval)
+
+    @staticmethod
+    def _scan(paths: list[Path]) -> dict[str, tuple[int, int]]:
+        current: dict[str, tuple[int, int]] = {}
+        for p in paths:
+            key = os.path.realpath(p)
+            try:
+                current[key] = stat_adapter(Path(key))
+            except OSError:
+                continue
+        return current
+
+
+def exact_cosines(query, others: list, norms: list) -> tuple[float, np.ndarray, np.ndarray]:
+    """Exact Frobenius cosines of ΔW between one canonical query and many raw adapters.
+
+    Returns (‖ΔW_query‖, cosines, ‖ΔW_other‖). ``norms`` may hold the others' norms from the
+    catalog (``None`` where unknown). Why not ``similarity.delta_cosine`` per candidate: for an
+    SD adapter (264 modules) that is 3 small float64 matmul pairs per module and candidate and
+    took minutes for 20 candidates on a busy machine; here each module is one float32 GEMM per
+    side against all candidates at once, ⟨ΔW_q, ΔW_c⟩ = Σ (L_qᵀ L_c) ⊙ (R_qᵀ R_c).
+    """
+    from lorasearch.errors import IncompatibleError
+    from lorasearch.similarity import delta_norm
+
+    q = {}
+    qsq = 0.0
+    for m in query.modules:
+        s = np.asarray(m.sigma, np.float32)
+        qsq += float(np.sum(s.astype(np.float64) ** 2))
+        if np.any(s):
+            q[m.name] = ((np.asarray(m.U, np.float32) * s).T, np.asarray(m.V, np.float32))  # [k,out], [in,k]
+    by_module: dict[str, list] = {}
+    for j, ad in enumerate(others):
+        for m in ad.modules:
+            if m.name in q:
+                by_module.setdefault(m.name, []).append((j, m))
+    dots = np.zeros(len(others), np.float64)
+    for name, items in by_module.items():
+        LqT, Rq = q[name]
+        for _j, m in items:
+            if m.B.shape[0] != LqT.shape[1] or m.A.shape[1] != Rq.shape[0]:
+                raise IncompatibleError(f"module {name}: ΔW shapes {(LqT.shape[1], Rq.shape[0])} and "
+                                        f"{(m.B.shape[0], m.A.shape[1])} differ")
+        L = np.concatenate([np.asarray(m.B, np.float32) * np.float32(m.scale) for _j, m in items], axis=1)
+        A = np.concatenate([np.asarray(m.A, np.float32) for _j, m in items], axis=0)
+        col = np.sum((LqT @ L) * (A @ Rq).T, axis=0, dtype=np.float64)          # [Σ ranks]
+        starts = np.cumsum([0] + [m.A.shape[0] for _j, m in items[:-1]])
+        np.add.at(dots, [j for j, _m in items], np.add.reduceat(col, starts))
+    onorms = np.array([n if n is not None else delta_norm(o) for o, n in zip(others, norms)], np.float64)
+    qnorm = float(np.sqrt(qsq))
+    denom = qnorm * onorms
+    cos = np.clip(np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0), -1.0, 1.0)
+    return qnorm, cos, onorms
 
 
 def _progress(total: int, desc: str, enabled: bool | None):

@@ -1,35 +1,75 @@
 """`lorasearch` command line: every command is a thin wrapper over lorasearch.api.
 
-Results go to stdout, progress and logs to stderr. ``--json`` prints one versioned object.
-Exit codes: 0 ok (also "no results"), 2 usage, 65 bad input file, 66 missing file/index,
-69 backend or GPU unavailable, 75 index locked.
+Results go to stdout, progress, notes and errors to stderr. ``--json`` prints exactly one
+versioned JSON object on stdout when the command succeeds (also for "no results" and for an
+``index``/``add`` run that skipped bad files: they are listed in its ``errors``); when a command
+fails, stdout stays empty and stderr gets one line ``lorasearch: error: <reason>`` — never a
+traceback (``LORASEARCH_DEBUG=1`` shows it).
+Exit codes: 0 ok (also "no results"), 1 unexpected internal error, 2 usage, 65 bad input file,
+66 missing file/index, 69 backend or GPU unavailable, 75 index locked, 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from lorasearch import __version__
-from lorasearch.errors import EXIT_BAD_INPUT, EXIT_MISSING, LorasearchError
+from lorasearch.errors import EXIT_BAD_INPUT, EXIT_MISSING, EXIT_USAGE, LorasearchError, UsageError
 
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int):
+    click.echo(f"lorasearch: {message}", err=True)
+    sys.exit(code)
+
+
+def _interrupted(e: BaseException):
+    report = getattr(e, "partial_report", None)
+    kept = "" if report is None else \
+        f"; kept {len(report.added)} added and {len(report.updated)} updated before it (the index is consistent)"
+    _fail(f"interrupted{kept}", EXIT_INTERRUPTED)
 
 
 class _Group(click.Group):
-    """Maps lorasearch errors to one line on stderr and the documented exit code."""
+    """Maps every failure to one line on stderr and the documented exit code."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LorasearchError as e:
-            click.echo(f"lorasearch: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("lorasearch: interrupted", err=True)
-            sys.exit(130)
+            _fail(f"error: {e}", e.exit_code)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as e:   # click's own: bad option, missing argument …
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            _fail(f"error: {' '.join(e.format_message().split())}{hint}", EXIT_USAGE)
+        except click.exceptions.Abort as e:
+            _interrupted(e.__context__ or e)
+        except click.ClickException as e:
+            _fail(f"error: {' '.join(e.format_message().split())}", e.exit_code)
+        except BrokenPipeError:                   # `lorasearch query … | head -1`
+            sys.stdout = open(os.devnull, "w")
+            sys.exit(EXIT_INTERNAL)
+        except Exception as e:  # noqa: BLE001 -- the CLI promises one line, never a traceback
+            if os.environ.get("LORASEARCH_DEBUG"):
+                raise
+            msg = " ".join(str(e).split()) or "(no message)"
+            code = EXIT_MISSING if isinstance(e, FileNotFoundError) else EXIT_INTERNAL
+            _fail(f"error: {type(e).__name__}: {msg} (set LORASEARCH_DEBUG=1 for a traceback)", code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
@@ -43,7 +83,7 @@ def _open(ctx, create=False, readonly=False, encoder=None):
     from lorasearch.api import Lorasearch
 
     return Lorasearch(ctx.obj["index"], encoder=encoder, device=ctx.obj["device"],
-                      create=create, readonly=readonly)
+                      create=create, readonly=readonly, lock_timeout=ctx.obj.get("lock_timeout", 0.0))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,11 +92,27 @@ def _open(ctx, create=False, readonly=False, encoder=None):
               default=Path(".lorasearch"), show_default=True, help="Index folder (or $LORASEARCH_INDEX).")
 @click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="Where canonicalization and search run.")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds a write waits for another writer before giving up (exit 75).")
 @click.pass_context
-def cli(ctx, index_path, device):
-    """Search LoRA adapters by what their weights do."""
+def cli(ctx, index_path, device, lock_timeout):
+    """Search LoRA adapters by what their weights do.
+
+    Results on stdout, notes and errors on stderr (one line each). With --json a command that
+    runs to the end prints exactly one JSON object (index/add/remove also when their exit code
+    reports skipped or unknown items); a command that fails prints nothing on stdout.
+    Exit codes: 0 ok (also no results), 1 internal error, 2 usage, 65 bad adapter file,
+    66 missing file or index, 69 backend/GPU unavailable, 75 index locked, 130 interrupted."""
     ctx.ensure_object(dict)
-    ctx.obj.update(index=index_path, device=device)
+    ctx.obj.update(index=index_path, device=device, lock_timeout=lock_timeout)
+
+
+def _must_exist(path: Path) -> None:
+    """Checked before opening the index with create=True, so a typo does not leave an empty index."""
+    from lorasearch.errors import MissingError
+
+    if not path.exists():
+        raise MissingError(f"{path}: no such file or directory")
 
 
 def _report_errors(report) -> None:
@@ -71,11 +127,20 @@ def _report_errors(report) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
 def index(ctx, directory, encoder, prune, as_json):
-    """Index every adapter under DIRECTORY (recursive, incremental)."""
+    """Index every adapter under DIRECTORY (recursive, incremental).
+
+    Bad files are reported on stderr and skipped; the exit code is 0 unless every adapter
+    found was refused (65). DIRECTORY may also be one adapter file or PEFT folder."""
+    _must_exist(directory)
     ls = _open(ctx, create=True, encoder=encoder)
     report = ls.index_dir(directory, prune=prune)
     _report_errors(report)
+    if not (report.added or report.updated or report.unchanged or report.errors):
+        click.echo(f"lorasearch: note: no adapters found under {directory} "
+                   "(looked for .safetensors files and PEFT folders)", err=True)
     _emit(report.as_dict(), as_json, f"{report.summary()} -> {ls.path}")
+    if report.errors and not (report.added or report.updated or report.unchanged):
+        sys.exit(EXIT_BAD_INPUT)   # every adapter found was refused: nothing usable here
 
 
 @cli.command()
@@ -84,13 +149,15 @@ def index(ctx, directory, encoder, prune, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def add(ctx, files, encoder, as_json):
-    """Add (or refresh) adapter files or PEFT folders."""
+    """Add (or refresh) adapter files or PEFT folders; a plain folder adds every adapter under it.
+
+    Exit 66 if every failure was a missing path, 65 if any file was refused, else 0."""
     ls = _open(ctx, create=True, encoder=encoder)
     report = ls.add(files)
     _report_errors(report)
     _emit(report.as_dict(), as_json, report.summary())
     if report.errors:
-        missing = all("no such file" in m for _p, m in report.errors)
+        missing = all(m.endswith(("no such file or directory", "no adapters in this folder")) for _p, m in report.errors)
         sys.exit(EXIT_MISSING if missing else EXIT_BAD_INPUT)
 
 
@@ -99,7 +166,7 @@ def add(ctx, files, encoder, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def remove(ctx, items, as_json):
-    """Remove adapters by id or path."""
+    """Remove adapters by id, by path (the file may be gone already) or by folder (all under it)."""
     ls = _open(ctx)
     removed, missing = ls.remove(items)
     for m in missing:
@@ -113,7 +180,8 @@ def remove(ctx, items, as_json):
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True)
-@click.option("--threshold", type=float, default=None, help="Drop results scoring below this cosine.")
+@click.option("--threshold", type=float, default=None,
+              help="Drop results whose score (a cosine, -1..1) is below this.")
 @click.option("--encoder", default=None, help="Must match the index's encoder.")
 @click.option("--rerank", type=click.IntRange(0, 10000), default=None,
               help="Candidates re-scored by exact ΔW cosine (default max(2k, 20); 0 = off).")
@@ -123,6 +191,11 @@ def query(ctx, file, k, threshold, encoder, rerank, as_json):
     """The K indexed adapters most similar to FILE."""
     ls = _open(ctx, readonly=True, encoder=encoder)
     res = ls.query(file, k=k, threshold=threshold, rerank=rerank)
+    q = res["query"]
+    if not res["results"] and not q.get("indexed_in_family"):
+        held = ", ".join(f"{f} ({n})" for f, n in ls.index.families().items()) or "nothing"
+        click.echo(f"lorasearch: note: no indexed adapters of family {q['family']} to compare with "
+                   f"(the index holds {held})", err=True)
     lines = [f"query {res['query']['path']}  family={res['query']['family']}  encoder={res['query']['encoder']}"]
     if not res["results"]:
         lines.append("no results")
@@ -138,7 +211,13 @@ def query(ctx, file, k, threshold, encoder, rerank, as_json):
 @click.option("--no-prune", is_flag=True, help="Keep indexed adapters whose files disappear.")
 @click.pass_context
 def watch(ctx, directory, interval, encoder, no_prune):
-    """Index adapters under DIRECTORY as they appear, change or disappear (Ctrl-C stops)."""
+    """Index adapters under DIRECTORY as they appear, change or disappear (Ctrl-C stops, exit 130).
+
+    Prints `indexed PATH` / `removed PATH` lines on stdout as it goes; files still being
+    written are waited for, not reported as errors."""
+    if not interval > 0:
+        raise UsageError(f"--interval must be a positive number of seconds, not {interval}")
+    _must_exist(directory)
     ls = _open(ctx, create=True, encoder=encoder)
     first = ls.index_dir(directory, prune=not no_prune)
     _report_errors(first)
@@ -150,8 +229,13 @@ def watch(ctx, directory, interval, encoder, no_prune):
             click.echo(f"indexed {p}")
         for p in report.removed:
             click.echo(f"removed {p}")
+        sys.stdout.flush()
 
-    ls.watch(directory, interval=interval, prune=not no_prune, on_report=show)
+    try:
+        ls.watch(directory, interval=interval, prune=not no_prune, on_report=show,
+                 on_note=lambda msg: click.echo(f"lorasearch: note: {msg}", err=True))
+    except KeyboardInterrupt:
+        _fail(f"watch stopped; the index at {ls.path} is up to date as of the last scan", EXIT_INTERRUPTED)
 
 
 @cli.command()
