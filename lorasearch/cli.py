@@ -17,36 +17,20 @@ from pathlib import Path
 
 import click
 
+from lorasearch.cli_common import EXIT_INTERRUPTED, ErrorGroup, fail, interrupted
+
 from lorasearch import __version__
-from lorasearch.errors import EXIT_BAD_INPUT, EXIT_MISSING, EXIT_USAGE, LorasearchError, UsageError
+from lorasearch.errors import EXIT_BAD_INPUT, EXIT_MISSING, EXIT_USAGE, UsageError
 
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
 EXIT_INTERNAL = 1
-EXIT_INTERRUPTED = 130
 
 
-def _fail(message: str, code: int):
-    click.echo(f"lorasearch: {message}", err=True)
-    sys.exit(code)
+_fail, _interrupted = fail, interrupted
 
 
-def _interrupted(e: BaseException):
-    report = getattr(e, "partial_report", None)
-    kept = "" if report is None else \
-        f"; kept {len(report.added)} added and {len(report.updated)} updated before it (the index is consistent)"
-    _fail(f"interrupted{kept}", EXIT_INTERRUPTED)
-
-
-class _Group(click.Group):
-    """Maps every failure to one line on stderr and the documented exit code."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LorasearchError as e:
-            _fail(f"error: {e}", e.exit_code)
-        except KeyboardInterrupt as e:
-            _interrupted(e)
+class _Group(ErrorGroup):
+    """Maps every failure, click's own included, to one line on stderr and the documented exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

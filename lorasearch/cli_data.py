@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from lorasearch.errors import LorasearchError, UnavailableError, UsageError
+from lorasearch.cli_common import ErrorGroup
+
+from lorasearch.errors import UnavailableError, UsageError
 
 SUITES = ("language", "diffusion")
 
@@ -66,18 +67,8 @@ def make(suite: str, out, n: int | None = None, seed: int = 0, device: str = "au
     return res if isinstance(res, dict) else {"manifest": str(res)}
 
 
-class _DataGroup(click.Group):
-    """Errors → one line on stderr + the documented exit code (also when run on its own)."""
 
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LorasearchError as e:
-            click.echo(f"lorasearch: error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-
-@click.group(name="data", cls=_DataGroup)
+@click.group(name="data", cls=ErrorGroup)
 def data() -> None:
     """Build LoRA collections: fine-tune real adapters in batches, write them with a manifest."""
 

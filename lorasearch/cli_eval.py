@@ -9,25 +9,16 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from lorasearch.errors import LorasearchError, UsageError
+from lorasearch.cli_common import ErrorGroup
+
+from lorasearch.errors import UsageError
 
 PATH = click.Path(path_type=Path)
 
-
-class _EvalGroup(click.Group):
-    """Errors → one line on stderr + the documented exit code (also when run on its own)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LorasearchError as e:
-            click.echo(f"lorasearch: error: {e}", err=True)
-            sys.exit(e.exit_code)
 
 
 def _device(ctx) -> str:
@@ -87,7 +78,7 @@ def _write_json(obj: dict, out: Path | None) -> None:
         out.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
 
-@click.group("eval", cls=_EvalGroup)
+@click.group("eval", cls=ErrorGroup)
 def eval_group():
     """Measure retrieval quality, probes, invariance and speed."""
 

@@ -6,15 +6,6 @@ from lorasearch.errors import LorasearchError
 from lorasearch.eval.probe import macro_auroc, probe, probe_representations, split_70_10_20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: torch's default thread pool oversubscribes them (10-50x slower here)."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _features(n=90, d=12, classes=3, seed=0):

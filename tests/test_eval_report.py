@@ -8,15 +8,6 @@ from click.testing import CliRunner
 from test_eval_retrieval import write_set  # the same synthetic labelled set (tests/ is on sys.path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: torch's default thread pool oversubscribes them (10-50x slower here)."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ from lorasearch.errors import EXIT_BAD_INPUT, EXIT_MISSING, EXIT_USAGE
 from lorasearch.eval import retrieval as R
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: torch's default thread pool oversubscribes them (10-50x slower here)."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 TARGETS = r"layer\.[01]\.attention\.self\.(query|value)"
