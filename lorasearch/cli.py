@@ -168,7 +168,7 @@ def remove(ctx, items, as_json):
               help="Drop results whose score (a cosine, -1..1) is below this.")
 @click.option("--encoder", default=None, help="Must match the index's encoder.")
 @click.option("--rerank", type=click.IntRange(0, 10000), default=None,
-              help="Candidates re-scored by exact ΔW cosine (default max(2k, 20); 0 = off).")
+              help="Candidates re-scored by exact ΔW cosine (default max(5k, 50) within 512 MiB of files; 0 = off).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def query(ctx, file, k, threshold, encoder, rerank, as_json):

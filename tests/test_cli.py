@@ -230,3 +230,16 @@ def test_second_writer_gets_exit_75_reader_not_blocked(tmp_path, gallery):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_rerank_depth_and_query_file_first(tmp_path, gallery):
+    idx = tmp_path / "idx"
+    shutil.copy(gallery / "ad1.safetensors", gallery / "ad1-copy.safetensors")
+    assert run(idx, "index", gallery).exit_code == 0
+    out = json.loads(run(idx, "query", gallery / "ad1.safetensors", "-k", "7", "--json").stdout)
+    assert [r["match"] for r in out["results"][:2]] == ["exact", "exact"]
+    assert out["results"][0]["path"].endswith("/ad1.safetensors")     # the query file itself first
+    assert all(r["reranked"] for r in out["results"])                  # default depth covers all 7
+    off = json.loads(run(idx, "query", gallery / "ad2", "-k", "7", "--rerank", "0", "--json").stdout)
+    assert [r["reranked"] for r in off["results"][1:]] == [False] * 6
+    assert [r["score"] for r in off["results"][1:]] == [r["embedding_score"] for r in off["results"][1:]]
