@@ -32,8 +32,8 @@ TINY = dict(steps=12, batch=2, lr=1e-2, chunk=8)                 # tests: second
 
 def plan(n: int, seed: int, tiny: bool = False) -> list[dict]:
     """Which adapter is which: superclass i % 10, leaf cycling through a seeded permutation of
-    that superclass's leaves, 4–15 images (tiny: 4), rank 1/4/8 (80/10/10 by i % 10), role query
-    for every fifth, every tenth in kohya format (the residues are chosen so that even the first
+    that superclass's leaves, 4–15 images (tiny: 4), rank 1/4/8 (80/10/10), role query
+    for every fifth, every tenth in kohya format — balanced within every superclass (the residues are chosen so that even the first
     four adapters cover every case)."""
     rng = np.random.default_rng(seed)
     ls = I.leaves()
@@ -42,11 +42,15 @@ def plan(n: int, seed: int, tiny: bool = False) -> list[dict]:
     for i in range(n):
         s, k = i % len(I.SUPERCLASSES), i // len(I.SUPERCLASSES)
         leaf = ls[s * I.LEAVES_PER_SUPERCLASS + int(perms[s][k % I.LEAVES_PER_SUPERCLASS])]
-        rank = {1: 4, 6: 8}.get(i % 10, 1)
+        # j = i + k skews the residues per superclass, so every superclass gets every rank, role
+        # and format in the same proportions (with i alone, rank/format/role followed i % 10,
+        # i.e. the superclass, and gave the label away).
+        j = i + k
+        rank = {1: 4, 6: 8}.get(j % 10, 1)
         k_img = int(rng.integers(4, 16))
         rows.append(dict(i=i, leaf=leaf, n_images=4 if tiny else k_img, rank=rank,
-                         alpha=1.0 if rank == 1 else float(rank), role="query" if i % 5 == 2 else "gallery",
-                         fmt="kohya" if i % 10 == 3 else "diffusers", seed=int(seed) * 1_000_003 + i))
+                         alpha=1.0 if rank == 1 else float(rank), role="query" if j % 5 == 2 else "gallery",
+                         fmt="kohya" if j % 10 == 3 else "diffusers", seed=int(seed) * 1_000_003 + i))
     return rows
 
 

@@ -85,6 +85,7 @@ def drift_curves(adapters: Sequence[LoraAdapter], methods: Sequence[str] = ("ske
     """
     from lorasearch.canonical import canonicalize_many
     adapters = list(adapters)
+    methods = list(dict.fromkeys(methods))   # a method named twice is measured once
     families = {a.family for a in adapters}
     if len(families) != 1:
         raise IncompatibleError(f"invariance needs adapters of one family, got {sorted(families)}")
