@@ -480,7 +480,6 @@ def exact_cosines(query, others: list, norms: list) -> tuple[float, np.ndarray, 
     took minutes for 20 candidates on a busy machine; here each module is one float32 GEMM per
     side against all candidates at once, ⟨ΔW_q, ΔW_c⟩ = Σ (L_qᵀ L_c) ⊙ (R_qᵀ R_c).
     """
-    from lorasearch.errors import IncompatibleError
     from lorasearch.similarity import delta_norm
 
     q = {}
@@ -488,20 +487,18 @@ def exact_cosines(query, others: list, norms: list) -> tuple[float, np.ndarray, 
     for m in query.modules:
         s = np.asarray(m.sigma, np.float32)
         qsq += float(np.sum(s.astype(np.float64) ** 2))
-        if np.any(s):
-            q[m.name] = ((np.asarray(m.U, np.float32) * s).T, np.asarray(m.V, np.float32))  # [k,out], [in,k]
-    by_module: dict[str, list] = {}
+        if np.any(s):   # keyed by shape too: a same-named weight of another shape is another weight
+            q[(m.name, m.U.shape[0], m.V.shape[0])] = ((np.asarray(m.U, np.float32) * s).T,
+                                                       np.asarray(m.V, np.float32))  # [k,out], [in,k]
+    by_module: dict[tuple, list] = {}
     for j, ad in enumerate(others):
         for m in ad.modules:
-            if m.name in q:
-                by_module.setdefault(m.name, []).append((j, m))
+            key = (m.name, m.B.shape[0], m.A.shape[1])
+            if key in q:
+                by_module.setdefault(key, []).append((j, m))
     dots = np.zeros(len(others), np.float64)
-    for name, items in by_module.items():
-        LqT, Rq = q[name]
-        for _j, m in items:
-            if m.B.shape[0] != LqT.shape[1] or m.A.shape[1] != Rq.shape[0]:
-                raise IncompatibleError(f"module {name}: ΔW shapes {(LqT.shape[1], Rq.shape[0])} and "
-                                        f"{(m.B.shape[0], m.A.shape[1])} differ")
+    for key, items in by_module.items():
+        LqT, Rq = q[key]
         L = np.concatenate([np.asarray(m.B, np.float32) * np.float32(m.scale) for _j, m in items], axis=1)
         A = np.concatenate([np.asarray(m.A, np.float32) for _j, m in items], axis=0)
         col = np.sum((LqT @ L) * (A @ Rq).T, axis=0, dtype=np.float64)          # [Σ ranks]

@@ -29,8 +29,13 @@ AnyAdapter = Union[LoraAdapter, CanonicalAdapter]
 _MAX_BLOCK = 1 << 24
 
 
-def factors(adapter: AnyAdapter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (L ``[out, k]``, R ``[in, k]``) in float64 with ΔW = L Rᵀ."""
+def factors(adapter: AnyAdapter) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
+    """(name, out, in) -> (L ``[out, k]``, R ``[in, k]``) in float64 with ΔW = L Rᵀ.
+
+    Keyed by shape as well as name: bases that share a family name (e.g. Llama-2-7B and
+    Llama-3-8B are both ``llama-h4096``) can name a weight alike with another shape (GQA
+    ``v_proj``); such weights are different weights, so they add 0 to an inner product and
+    count only in their own adapter's norm, exactly like a module the other adapter lacks."""
     out = {}
     for m in adapter.modules:
         if isinstance(m, CanonicalModule):
@@ -39,16 +44,12 @@ def factors(adapter: AnyAdapter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         else:
             L = float(m.scale) * np.asarray(m.B, np.float64)
             R = np.asarray(m.A, np.float64).T
-        out[m.name] = (L, R)
+        out[(m.name, L.shape[0], R.shape[0])] = (L, R)
     return out
 
 
-def _pair_inner(name: str, f1, f2) -> float:
+def _pair_inner(f1, f2) -> float:
     (L1, R1), (L2, R2) = f1, f2
-    if L1.shape[0] != L2.shape[0] or R1.shape[0] != R2.shape[0]:
-        raise IncompatibleError(
-            f"module {name}: ΔW shapes {(L1.shape[0], R1.shape[0])} and {(L2.shape[0], R2.shape[0])} differ "
-            "(adapters for different base models cannot be compared)")
     return float(np.sum((L1.T @ L2) * (R1.T @ R2)))
 
 
@@ -60,7 +61,7 @@ def _sq_norm(f) -> float:
 def delta_inner(a: AnyAdapter, b: AnyAdapter) -> float:
     """Frobenius inner product Σ_modules ⟨ΔW₁ₘ, ΔW₂ₘ⟩ (modules in only one adapter add 0)."""
     fa, fb = factors(a), factors(b)
-    return sum(_pair_inner(n, fa[n], fb[n]) for n in fa.keys() & fb.keys())
+    return sum(_pair_inner(fa[n], fb[n]) for n in fa.keys() & fb.keys())
 
 
 def delta_norm(a: AnyAdapter) -> float:
@@ -75,7 +76,7 @@ def delta_cosine(a: AnyAdapter, b: AnyAdapter) -> float:
     nb = np.sqrt(sum(_sq_norm(f) for f in fb.values()))
     if na == 0 or nb == 0:
         return 0.0
-    ip = sum(_pair_inner(n, fa[n], fb[n]) for n in fa.keys() & fb.keys())
+    ip = sum(_pair_inner(fa[n], fb[n]) for n in fa.keys() & fb.keys())
     return float(np.clip(ip / (na * nb), -1.0, 1.0))
 
 
@@ -93,7 +94,6 @@ def relative_difference(a: AnyAdapter, b: AnyAdapter) -> float:
         elif n not in fa:
             diff2 += _sq_norm(fb[n])
         else:
-            _pair_inner(n, fa[n], fb[n])  # shape check
             L = np.concatenate([fa[n][0], -fb[n][0]], axis=1)
             R = np.concatenate([fa[n][1], fb[n][1]], axis=1)
             diff2 += float(np.sum((np.linalg.qr(L, mode="r") @ np.linalg.qr(R, mode="r").T) ** 2))
@@ -114,9 +114,6 @@ def _stack_module(facts: list[dict], name: str, dev, dt):
     R = np.zeros((len(idx), n_in, k))
     for j, i in enumerate(idx):
         Li, Ri = facts[i][name]
-        if Li.shape[0] != o or Ri.shape[0] != n_in:
-            raise IncompatibleError(f"module {name}: ΔW shapes differ between adapters "
-                                    f"({(o, n_in)} vs {(Li.shape[0], Ri.shape[0])})")
         L[j, :, :Li.shape[1]] = Li   # zero columns add nothing: padding to a common rank is exact
         R[j, :, :Ri.shape[1]] = Ri
     return idx, torch.from_numpy(L).to(dev, dt), torch.from_numpy(R).to(dev, dt)
@@ -136,13 +133,11 @@ def pairwise_dense_cosine(queries: Sequence[AnyAdapter], gallery: Sequence[AnyAd
     ng = np.sqrt([sum(_sq_norm(f) for f in d.values()) for d in fg])
     dots = torch.zeros(len(fq), len(fg), dtype=dtype, device=dev)
     names = set().union(*[d.keys() for d in fq]) & set().union(*[d.keys() for d in fg]) if fq and fg else set()
-    for name in sorted(names):
+    for name in sorted(names, key=str):
         qi, Lq, Rq = _stack_module(fq, name, dev, dtype)
         gi, Lg, Rg = _stack_module(fg, name, dev, dtype)
         if not qi or not gi:
             continue
-        if Lq.shape[1] != Lg.shape[1] or Rq.shape[1] != Rg.shape[1]:
-            raise IncompatibleError(f"module {name}: ΔW shapes differ between queries and gallery")
         kq, kg = Lq.shape[2], Lg.shape[2]
         gidx = torch.tensor(gi, device=dev)
         step = max(1, _MAX_BLOCK // max(1, len(gi) * kq * kg))

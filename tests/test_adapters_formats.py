@@ -174,11 +174,10 @@ def test_wrappers_and_llm_names_normalize(tmp_path):
 def test_unknown_kohya_names_fall_back_to_heuristic_with_warning(tmp_path):
     rng = np.random.default_rng(0)
     t = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32))  # noqa: E731
-    p = tmp_path / "flux.safetensors"
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": t(2, 3072),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": t(9216, 2),
-               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(1.0)}, str(p))
+    p = tmp_path / "lumina.safetensors"       # a DiT no table covers (Lumina 2, kohya names)
+    save_file({"lora_unet_layers_0_attention_qkv.lora_down.weight": t(2, 2304),
+               "lora_unet_layers_0_attention_qkv.lora_up.weight": t(6912, 2),
+               "lora_unet_layers_0_attention_qkv.alpha": torch.tensor(1.0)}, str(p))
     ad = load_adapter(p)
-    assert ad.modules[0].name == "transformer.double_blocks.0.img_attn.qkv"
-    assert ad.family == "flux" and ad.modules[0].scale == 0.5
+    assert ad.modules[0].name == "unet.layers.0.attention.qkv" and ad.modules[0].scale == 0.5
     assert any("heuristic" in w for w in ad.warnings)

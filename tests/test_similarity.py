@@ -5,7 +5,6 @@ import pytest
 
 from lorasearch.adapters.writers import random_adapter
 from lorasearch.canonical import canonicalize, dense_delta
-from lorasearch.errors import IncompatibleError
 from lorasearch.similarity import (delta_cosine, delta_inner, delta_norm, pairwise_dense_cosine,
                                    pairwise_rawcos, relative_difference)
 from lorasearch.types import LoraAdapter, LoraModule
@@ -126,12 +125,16 @@ def test_rawcos_is_not_invariant_but_dense_cosine_is():
     assert pairwise_rawcos([a], [g])[0, 0] < 0.9
 
 
-def test_shape_conflict_is_incompatible():
-    a = random_adapter("minilm", rank=4, seed=1, targets=r"layer\.0\.attention\.self\.query")
+def test_same_name_other_shape_is_another_weight():
+    """Llama-2 v_proj [4096, 4096] vs Llama-3 v_proj [1024, 4096] share a name and a family
+    (llama-h4096) but are different weights: they add 0 to the inner product, count in norms."""
+    a = random_adapter("minilm", rank=4, seed=1, targets=r"layer\.0\.attention\.self\.(query|value)")
     m = a.modules[0]
-    b = LoraAdapter("b", "memory", "", "other", [LoraModule(m.name, np.ones((4, 10), np.float32),
-                                                            np.ones((7, 4), np.float32), 1.0)])
-    with pytest.raises(IncompatibleError):
-        delta_inner(a, b)
-    with pytest.raises(IncompatibleError):
-        pairwise_dense_cosine([a], [b], device="cpu")
+    other = LoraModule(m.name, np.ones((4, 10), np.float32), np.ones((7, 4), np.float32), 1.0)
+    b = LoraAdapter("b", "memory", "", "minilm", [other, a.modules[1]])
+    shared = LoraAdapter("s", "memory", "", "minilm", [a.modules[1]])
+    assert delta_inner(a, b) == pytest.approx(delta_inner(a, shared), rel=1e-9)
+    expected = delta_inner(a, shared) / (delta_norm(a) * delta_norm(b))
+    assert delta_cosine(a, b) == pytest.approx(expected, rel=1e-6)
+    assert pairwise_dense_cosine([a], [b], device="cpu")[0, 0] == pytest.approx(expected, rel=1e-6)
+    assert relative_difference(a, b) > 0

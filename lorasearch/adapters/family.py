@@ -5,6 +5,18 @@ which modules an adapter happens to target or on its rank: every rule below read
 base model* (hidden size, cross-attention width, layer layout) that any targeted module reveals.
 Order (research notes §8): ``modelspec.architecture`` → ``ss_base_model_version``/``ss_v2`` →
 key structure → shapes.
+
+Language models: every decoder whose layers are ``layers.N.`` (Llama, Mistral, Qwen2, Gemma, Phi-3 …,
+after ``base_model.model.model.`` is stripped) is ``llama-h{H}`` with H the hidden size, the one base
+dimension that *every* targeted linear reveals (in-dim of q/k/v/qkv/gate/up, out-dim of o/down). The KV
+width (GQA) shows only on k/v and the MLP width only on the MLP, so adding them would put a q,v adapter
+and an all-linear adapter of the same base in different families; they are not used. Different bases of
+one hidden size share a family (Llama-2-7B, Llama-3-8B and Mistral-7B are all ``llama-h4096``; Phi-3-mini
+and Gemma-7B ``llama-h3072``): their module names and shapes differ where the models differ, so a
+comparison only ever pairs weights of one shape. GPT-2 style (``h.N.``, Conv1D): ``gpt2-h{H}``.
+Diffusion: ``sd1``/``sd2``/``sdxl`` (cross-attention width), ``sd3`` (SD3/3.5 Medium, hidden 1536),
+``sd3.5-large`` (2432), ``flux`` (Flux.1, 3072; Flux-style blocks of other widths ``flux-h{H}``, other
+diffusers DiTs ``dit-h{H}``).
 """
 from __future__ import annotations
 
@@ -47,14 +59,21 @@ def infer_family(modules: list[LoraModule], meta: dict[str, str] | None = None,
     ``hints`` are facts the parser saw that names lose (``"kohya-te1"``: a ``lora_te1_`` prefix, SDXL/SD3).
     """
     fam = family_from_metadata(meta or {})
-    if fam:
+    if fam and fam != "sd3":
         return fam
     hints = hints or set()
-    names = [m.name for m in modules]
-    if any(re.search(r"(^|\.)(double_blocks|single_blocks|single_transformer_blocks)\.", n) for n in names):
-        return "flux"
-    if any(re.search(r"(^|\.)joint_blocks\.", n) for n in names):
-        return "sd3"
+    flux = [m for m in modules if re.search(r"(^|\.)(double_blocks|single_blocks|single_transformer_blocks)\.", m.name)]
+    if fam is None and flux:       # Flux.1 is 3072 wide; Flux.2-style DiTs of other widths get their own family
+        h = Counter(min(_in(m), _out(m)) for m in flux).most_common(1)[0][0]
+        return "flux" if h == 3072 else f"flux-h{h}"
+    joint = [m for m in modules if re.search(r"(^|\.)joint_blocks\.", m.name)]
+    if joint:      # SD3 kohya names: the hidden size is the smaller side of every block linear
+        h = Counter(min(_in(m), _out(m)) for m in joint).most_common(1)[0][0]
+        return "sd3.5-large" if h == 2432 else "sd3"
+    if fam:        # "sd3" from metadata: SD3.5 Large is told apart by its width below
+        dit = [m for m in modules if m.name.startswith("transformer.transformer_blocks.")]
+        big = any(_in(m) == 2432 or _out(m) == 2432 for m in dit)
+        return "sd3.5-large" if big else fam
     unet = [m for m in modules if m.name.startswith("unet.")]
     te = [m for m in modules if m.name.startswith("text_encoder")]
     dit = [m for m in modules if m.name.startswith("transformer.transformer_blocks.")]
@@ -71,7 +90,10 @@ def infer_family(modules: list[LoraModule], meta: dict[str, str] | None = None,
         layers = max((int(x.group(1)) for m in bert if (x := re.match(r"\w+\.layer\.(\d+)\.", m.name))),
                      default=0) + 1
         return "minilm" if h == 384 and layers <= 6 else f"bert-h{h}"
-    llm = [m for m in modules if re.match(r"(decoder\.)?layers\.\d+\.", m.name)]
+    # decoder layers, also inside a multimodal wrapper (Llava ``language_model.model.``, Qwen2-VL / Gemma-3
+    # ``model.language_model.``); a LoRA on the vision tower does not change the family
+    llm = [m for m in modules
+           if re.match(r"(decoder\.|language_model\.(model\.)?|model\.language_model\.)?layers\.\d+\.", m.name)]
     if llm:
         h = _hidden(llm, r"\.(q_proj|k_proj|v_proj|qkv_proj)$", r"\.o_proj$", r"\.(gate_proj|up_proj|gate_up_proj)$",
                     r"\.down_proj$")
@@ -81,7 +103,9 @@ def infer_family(modules: list[LoraModule], meta: dict[str, str] | None = None,
         h = Counter(min(m.out_features, m.in_features) for m in gpt).most_common(1)[0][0]
         return f"gpt2-h{h}"
     root = modules[0].name.split(".")[0] if modules else "empty"
-    h = Counter(m.in_features for m in modules).most_common(1)[0][0] if modules else 0
+    # the smaller side of a transformer linear is the hidden size for q/o/MLP/fused-qkv alike, so the
+    # family does not move with which modules are targeted (the in-dim would: MLP-down has in = 4·H)
+    h = Counter(min(m.out_features, m.in_features) for m in modules).most_common(1)[0][0] if modules else 0
     return f"generic-{root}-h{h}"
 
 

@@ -11,7 +11,11 @@ peft / diffusers   ``.lora_A[.<adapter>].weight .lora_B[…].weight``       ``ba
                    ``.lora_A .lora_B .lora_embedding_A/_B``               ``unet.`` ``text_encoder.`` …
 diffusers-mid      ``.lora.down.weight .lora_linear_layer.down.weight``   ``unet.<path>``
 diffusers-old      ``.processor.to_q_lora.down.weight`` …                 ``<path>`` (no prefix)
+xlabs (Flux)       ``.processor.qkv_lora1.down.weight`` ``….up.weight``   ``double_blocks.N`` …
 =================  =====================================================  =======================
+
+Flux/SD3 names in BFL/SAI form (kohya, ``diffusion_model.``, XLabs, fal) are turned into diffusers names
+after reading, fused modules split exactly (``dit.py``).
 
 Keys of non-B·A algorithms (LyCORIS LoHa, LoKr, IA3, OFT/BOFT, GLoRA, full/diff, norm) are recognised
 so they can be refused by name; anything else is an *unknown key*, reported, never silently dropped.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .dit import KOHYA_TOP, known_bfl, known_dit, xlabs_to_bfl
 from .names import diffusers_from_sgm, kohya_to_normalized, normalize_path
 
 # role: A / B / mid / alpha / embA / embB / dora / bias
@@ -31,11 +36,14 @@ _SUFFIXES = (
     (".lora_down.weight", "A", "kohya"), (".lora_up.weight", "B", "kohya"), (".lora_mid.weight", "mid", "kohya"),
     (".lora_A.weight", "A", "peft"), (".lora_B.weight", "B", "peft"), (".lora_B.bias", "bias", "peft"),
     (".lora_embedding_A", "embA", "peft"), (".lora_embedding_B", "embB", "peft"),
-    (".lora_magnitude_vector", "dora", "peft"), (".dora_scale", "dora", "kohya"),
+    (".lora_magnitude_vector", "dora", "peft"), (".lora_magnitude_vector.weight", "dora", "peft"),
+    (".dora_scale", "dora", "kohya"),
     (".lora_A", "A", "peft"), (".lora_B", "B", "peft"),
     (".alpha", "alpha", "any"),
 )
 _ADAPTER_NAMED = re.compile(r"^(.+)\.lora_(A|B)\.([A-Za-z0-9_\-]+)\.weight$")
+# XLabs Flux: ``double_blocks.0.processor.qkv_lora1.down.weight`` (before the diffusers-old ``_lora.down``)
+_XLABS_KEY = re.compile(r"^((?:[\w.]*\.)?(?:double|single)_blocks\.\d+\.processor\.\w+)\.(down|up)\.weight$")
 
 # LyCORIS and other algorithms that are not B·A: suffix → algorithm name
 _FOREIGN = (
@@ -65,6 +73,9 @@ def classify(key: str) -> KeyPart | None:
     m = _ADAPTER_NAMED.match(key)
     if m and m.group(3) != "weight":
         return KeyPart(key, m.group(1), m.group(2), "peft")
+    m = _XLABS_KEY.match(key)
+    if m:
+        return KeyPart(key, m.group(1), "A" if m.group(2) == "down" else "B", "xlabs")
     for suffix, role, layout in _SUFFIXES:
         if key.endswith(suffix):
             return KeyPart(key, key[: -len(suffix)], role, layout)
@@ -102,14 +113,24 @@ def normalize_stem(stem: str, layout: str) -> tuple[str, str]:
                 stem = f"{head}.self_attn.{_OLD_TE[m.group(2)]}"
             else:
                 stem = f"{head}.{m.group(1)}.{'to_out.0' if m.group(2) == 'to_out' else m.group(2)}"
+    if stem.startswith("lora_unet_") and stem[len("lora_unet_"):] in KOHYA_TOP:     # Flux embedders/final layer
+        return f"transformer.{KOHYA_TOP[stem[len('lora_unet_'):]]}", "kohya"
     if "." not in stem and re.match(r"(lora_|lycoris_)", stem):
         name, known, _ = kohya_to_normalized(stem)
+        known = known or known_bfl(name) or known_dit(name) or name.startswith("transformer.joint_blocks.")
         return name, ("kohya" if known else "kohya-heuristic")
     scheme = "plain"
     if stem.startswith("base_model.model."):
         stem, scheme = stem[len("base_model.model."):], "peft"
+    xl = xlabs_to_bfl(stem)
+    if xl:
+        return xl, "xlabs"
+    if re.match(r"(double_blocks|single_blocks|joint_blocks)\.\d+\.", stem):     # fal / bare BFL names
+        return f"transformer.{stem}", scheme
     if stem.startswith("diffusion_model."):
         rest = stem[len("diffusion_model."):]
+        if rest in KOHYA_TOP.values():
+            return f"transformer.{rest}", "diffusers"
         if re.match(r"(double_blocks|single_blocks|joint_blocks)\.", rest):
             return f"transformer.{rest}", "diffusers"
         return f"unet.{diffusers_from_sgm(rest)}", "diffusers"
@@ -118,6 +139,8 @@ def normalize_stem(stem: str, layout: str) -> tuple[str, str]:
                      ("text_encoders.t5xxl.transformer.", "text_encoder_3.")):
         if stem.startswith(src):
             return dst + stem[len(src):], "diffusers"
+    if re.match(r"transformer\.h\.\d+\.", stem):      # GPT-2 style LMs, not a diffusion transformer
+        return normalize_path(stem), scheme
     if re.match(r"(unet|text_encoder(_2|_3)?|transformer|prior)\.", stem):
         return stem, ("diffusers" if scheme == "plain" else scheme)
     if re.match(r"(down_blocks|mid_block|up_blocks|conv_in|conv_out|time_embedding)\.", stem):

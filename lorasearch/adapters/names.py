@@ -240,11 +240,15 @@ def kohya_to_normalized(module: str) -> tuple[str, bool, str]:
 _TASK_WRAPPER = re.compile(
     r"^(?:bert|roberta|distilbert|deberta|electra|albert|mpnet|xlm_roberta|camembert|auto_model|"
     r"0\.auto_model)\.(?=(?:encoder|embeddings|transformer|pooler)\.)")
-_LLM_WRAPPER = re.compile(r"^(?:model\.(?=layers\.\d)|model\.(?=decoder\.layers\.\d)|transformer\.(?=h\.\d))")
+_LLM_WRAPPER = re.compile(r"^(?:model\.(?=layers\.\d)|model\.(?=decoder\.layers\.\d)|transformer\.(?=h\.\d)|"
+                          r"model\.language_model\.(?=layers\.\d)|language_model\.model\.(?=layers\.\d))")
 
 
 def normalize_path(name: str) -> str:
     """Strip task wrappers so an adapter on ``BertModel`` and on ``BertForSequenceClassification``
-    (``bert.encoder…``), or on ``LlamaModel`` and ``LlamaForCausalLM`` (``model.layers…``), compare."""
+    (``bert.encoder…``), or on ``LlamaModel`` and ``LlamaForCausalLM`` (``model.layers…``), compare; the
+    language model inside a multimodal wrapper (``language_model.model.layers…`` in Llava and older
+    transformers, ``model.language_model.layers…`` in Qwen2-VL / Gemma-3 since transformers 4.52) gets
+    the names of the text-only model."""
     name = _TASK_WRAPPER.sub("", name)
     return _LLM_WRAPPER.sub("", name)

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import BadAdapterError, MissingError
 from ..types import LoraAdapter, LoraModule
 from .family import infer_family
+from .dit import split_fused
 from .formats import classify, foreign_algorithm, foreign_stem, normalize_stem
 from .names import split_component
 from .safetensors_strict import SafetensorsFile, open_safetensors, refuse_sniffed, sniff
@@ -31,6 +32,7 @@ from .safetensors_strict import SafetensorsFile, open_safetensors, refuse_sniffe
 log = logging.getLogger("lorasearch.adapters")
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 CHUNK = 1 << 20
+_DORA_KEYS = (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".dora_scale")
 
 
 # ---- hashing ---------------------------------------------------------------------------------
@@ -201,10 +203,17 @@ def _diffusers_meta(meta: dict[str, str]) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
+def _truthy(v) -> bool:
+    """JSON booleans, or the strings some tools write ("true", "False", "1")."""
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    return bool(v)
+
+
 def _config_alpha(cfg: dict, key: str, r: int) -> tuple[float, float]:
     """(alpha, scale) from a PEFT-style config for module ``key`` of rank ``r``."""
     alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, key, cfg.get("lora_alpha", 8)))
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    scale = alpha / math.sqrt(r) if _truthy(cfg.get("use_rslora")) else alpha / r
     return alpha, scale
 
 
@@ -255,9 +264,10 @@ def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None
         for role in ("dora", "bias"):
             if role in roles:
                 unknown.append(roles.pop(role))
-    n_dora = sum(1 for k in unknown if k.endswith((".lora_magnitude_vector", ".dora_scale")))
-    if n_dora:
-        warnings.append(f"DoRA magnitude vectors on {n_dora} modules ignored; ΔW is the B·A part only")
+    n_dora = sum(1 for k in unknown if k.endswith(_DORA_KEYS))
+    if n_dora:     # decision: accept, search on the B·A direction, say so (info shows warnings)
+        warnings.append(f"DoRA adapter: magnitude vectors on {n_dora} modules ignored; ΔW is taken as the "
+                        "B·A part only (DoRA's real update also rescales the base weight's columns)")
     groups = {n: r for n, r in groups.items() if r}
     real = {n: r for n, r in groups.items() if set(r) - {"alpha"}}
     if not real:
@@ -281,22 +291,29 @@ def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None
     modules = []
     for name in sorted(real):
         modules.append(_module(path, st, name, real[name], raw_path[name], config, meta_cfg, check_finite))
-    if unknown:
-        shown = ", ".join(repr(k) for k in unknown[:3])
-        warnings.append(f"{len(unknown)} keys are not LoRA factors and were not used: {shown}"
-                        + (" …" if len(unknown) > 3 else ""))
+    other = [k for k in unknown if not k.endswith(_DORA_KEYS)]     # DoRA has its own warning above
+    if other:
+        shown = ", ".join(repr(k) for k in other[:3])
+        warnings.append(f"{len(other)} keys are not LoRA factors and were not used: {shown}"
+                        + (" …" if len(other) > 3 else ""))
     if config:
         mts = config.get("modules_to_save")
         if mts and unknown:
             warnings.append(f"modules_to_save {mts} are full weights, not part of ΔW = B·A")
-        if config.get("use_dora"):
+        if _truthy(config.get("use_dora")) and not n_dora:
             warnings.append("use_dora: true — the DoRA magnitude is not part of ΔW = B·A")
     guessed &= set(real)
     if guessed:
         warnings.append(f"{len(guessed)} kohya module names are in no architecture table; their dots were "
                         f"restored by heuristic (e.g. {min(guessed)!r})")
+    if config is None and schemes.get("peft") and not any("alpha" in r for r in real.values()) \
+            and meta_cfg is None:
+        warnings.append("PEFT weights without adapter_config.json and without alpha: alpha = rank assumed "
+                        "(scale 1.0); put adapter_config.json next to the file for the trained scale")
     trig = trigger_words(st.metadata)
     family = infer_family(modules, st.metadata, hints)
+    if family in ("flux", "sd3", "sd3.5-large"):
+        modules = split_fused(path, modules, warnings)
     for w in warnings:
         log.warning("%s: %s", path, w)
     return LoraAdapter(path=str(path), format=fmt, sha256=sha256, family=family, modules=modules, size=size,
@@ -309,7 +326,7 @@ def _format_name(layouts: Counter, schemes: Counter) -> str:
     scheme = schemes.most_common(1)[0][0]
     if layout == "kohya":
         return "kohya" if scheme == "kohya" else "diffusers-kohya"
-    if layout in ("diffusers-mid", "diffusers-old"):
+    if layout in ("diffusers-mid", "diffusers-old", "xlabs"):
         return layout
     if scheme == "peft":
         return "peft-file"

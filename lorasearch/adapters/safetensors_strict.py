@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import BadAdapterError
 
-HEADER_CAP = 16 * 1024 * 1024          # LoRA headers are ~100 KB; the library's own cap is 100 MB
+HEADER_CAP = 100_000_000    # the library's own cap: LoRA headers are ~100 KB, but ss_tag_frequency and
+                            # modelspec.thumbnail data URLs can make them several MB
 DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8,
               "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16,
               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
@@ -93,7 +94,7 @@ class SafetensorsFile:
         elif t.dtype in ("F16", "F32", "F64"):
             out = np.frombuffer(buf, _NUMPY[t.dtype], n, t.start).astype(np.float32)
         elif t.dtype.startswith("F8_E4M3") or t.dtype.startswith("F8_E5M2"):
-            out = _fp8(bytes(buf[t.start:t.end]), t.dtype)
+            out = _fp8(bytes(buf[t.start:t.end]), t.dtype, self.path, name)
         elif t.dtype in _NUMPY:
             out = np.frombuffer(buf, _NUMPY[t.dtype], n, t.start).astype(np.float32)
         else:
@@ -115,8 +116,13 @@ class SafetensorsFile:
         self.close()
 
 
-def _fp8(raw: bytes, dtype: str) -> np.ndarray:
-    import torch
+def _fp8(raw: bytes, dtype: str, path=None, name: str = "") -> np.ndarray:
+    try:     # numpy has no fp8; torch does (>= 2.1). Reading fp8 is the only thing that needs torch here.
+        import torch
+        torch.float8_e4m3fn
+    except (ImportError, AttributeError):
+        raise BadAdapterError(path, f"tensor {name!r} is {dtype} (fp8); reading fp8 needs torch >= 2.1, "
+                                    "which is not installed") from None
 
     tdt = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
            "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz}[dtype]
