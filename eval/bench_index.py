@@ -7,6 +7,15 @@ the bound (1.0 = as fast as the memory allows). The index is built through the p
 ``LoraIndex`` API (catalog + snapshot), so add and snapshot times are the product's.
 
     python -m lorasearch.eval.bench_index --sizes 10000 100000
+
+``--factory IVF1024,Flat`` (or ``HNSW32``) builds the index with that faiss factory string
+instead, and every row then also reports build time and recall@k against exact search
+(computed with numpy on the same vectors), optionally for several ``--nprobe`` /
+``--ef-search`` values on the one built index. ``--data clustered`` draws vectors around
+n/100 centres (queries are new draws from the same clusters), which is what ANN indexes are
+built for; ``random`` (default) is i.i.d. Gaussian, their worst case.
+
+    python -m lorasearch.eval.bench_index --sizes 100000 --data clustered --factory IVF1024,Flat --nprobe 8 32 128
 """
 from __future__ import annotations
 
@@ -69,16 +78,52 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+class _Data:
+    """Vectors for the benchmark: i.i.d. Gaussian (``random``) or Gaussian clusters (``clustered``)."""
+
+    def __init__(self, kind: str, n: int, dim: int, rng: np.random.Generator):
+        if kind not in ("random", "clustered"):
+            raise ValueError(f"data {kind!r}: expected random or clustered")
+        self.dim, self.rng = dim, rng
+        self.centers = rng.normal(size=(max(10, n // 100), dim)) if kind == "clustered" else None
+
+    def draw(self, m: int) -> np.ndarray:
+        if self.centers is None:
+            return _unit(self.rng.normal(size=(m, self.dim)))
+        pick = self.centers[self.rng.integers(0, len(self.centers), m)]
+        return _unit(pick + 0.5 * self.rng.normal(size=(m, self.dim)))
+
+
+def _exact_topk(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ground-truth ids (positions + 1 = catalog ids) of the exact top-k by cosine."""
+    scores = queries @ base.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return top + 1
+
+
+def _recall(found: list[list[tuple[int, float]]], truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len({i for i, _ in row} & set(t.tolist())) / k for row, t in zip(found, truth)]))
+
+
 def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: str, bandwidth: float,
-              batch: int = 10_000, seed: int = 0) -> dict:
+              batch: int = 10_000, seed: int = 0, factory: str | None = None, data: str = "random",
+              sweep: tuple = ()) -> dict:
+    """One size. ``sweep``: ``(knob, value)`` pairs (knob ``nprobe`` or ``ef_search``) to
+    measure on the built index besides its defaults; recall needs ``factory`` or ``sweep``."""
     rng = np.random.default_rng(seed)
+    source = _Data(data, n, dim, rng)
     path = os.path.join(workdir, f"ix-{n}")
-    ix = LoraIndex.open(path, create=True, device=device)
+    ix = LoraIndex.open(path, create=True, device=device, factory=factory)
     ix.check_encoder("bench-random", "1", dim)
     t_add = t_snap = 0.0
+    kept = [] if (factory or sweep) else None
     with ix.writer():
         for start in range(0, n, batch):
-            recs = _records(_unit(rng.normal(size=(min(batch, n - start), dim))), start)
+            vectors = source.draw(min(batch, n - start))
+            if kept is not None:
+                kept.append(vectors)
+            recs = _records(vectors, start)
             t = time.perf_counter()
             ix.upsert(recs)
             t_add += time.perf_counter() - t
@@ -89,7 +134,8 @@ def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: st
     stats = ix.stats()
     ix.close()
 
-    queries = _unit(rng.normal(size=(n_queries, dim)))
+    queries = source.draw(n_queries)
+    truth = _exact_topk(np.concatenate(kept), queries, min(k, n)) if kept is not None else None
     t = time.perf_counter()
     ix = LoraIndex.open(path, readonly=True, device=device)
     ix.search(queries[0], FAMILY, k)                       # cold: open + load/validate snapshot
@@ -108,8 +154,24 @@ def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: st
     batched = []
     for _ in range(5):
         t = time.perf_counter()
-        ix.search(queries, FAMILY, k)
+        found = ix.search(queries, FAMILY, k)
         batched.append(time.perf_counter() - t)
+    points = []
+    if truth is not None:
+        points.append({"knob": "default", "single_median_ms": float(np.median(single)) * 1e3,
+                       "batch_per_query_ms": float(np.median(batched)) / n_queries * 1e3,
+                       "recall": _recall(found, truth)})
+    for knob, value in sweep:
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            ix.search(q, FAMILY, k, **{knob: value})
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        found = ix.search(queries, FAMILY, k, **{knob: value})
+        batch_t = time.perf_counter() - t
+        points.append({"knob": f"{knob}={value}", "single_median_ms": float(np.median(times)) * 1e3,
+                       "batch_per_query_ms": batch_t / n_queries * 1e3, "recall": _recall(found, truth)})
     ix.close()
 
     bound = n * dim * 4 / bandwidth
@@ -117,6 +179,8 @@ def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: st
     batch_med = float(np.median(batched))
     return {
         "n": n, "dim": dim, "k": k, "device": stats["device"], "n_queries": n_queries,
+        "factory": stats["faiss_factory"], "index": stats["snapshots"][FAMILY]["index"], "data": data,
+        "build_s": t_add + t_snap, "recall_at_k": points[0]["recall"] if points else None, "sweep": points,
         "add_s": t_add, "add_per_s": n / t_add, "snapshot_s": t_snap,
         "cold_open_query_ms": t_cold * 1e3, "disk_MB": stats["disk_bytes"] / 1e6,
         "single_median_ms": med * 1e3, "single_p95_ms": p95 * 1e3,
@@ -129,16 +193,20 @@ def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: st
 
 
 def run(sizes=(10_000, 100_000), dim: int = 512, n_queries: int = 200, k: int = 10, device: str = "auto",
-        threads: int | None = 1, workdir: str | None = None, bandwidth_bytes: int = 256 << 20) -> list[dict]:
+        threads: int | None = 1, workdir: str | None = None, bandwidth_bytes: int = 256 << 20,
+        factory: str | None = None, data: str = "random", nprobes=(), ef_searches=()) -> list[dict]:
     """One row per size. ``threads`` caps FAISS/BLAS threads (None = their defaults);
-    ``bandwidth_bytes`` is the buffer numpy streams (keep it well above the last-level cache)."""
+    ``bandwidth_bytes`` is the buffer numpy streams (keep it well above the last-level cache).
+    ``factory``/``data``/``nprobes``/``ef_searches``: see the module docstring."""
+    sweep = tuple(("nprobe", int(v)) for v in nprobes) + tuple(("ef_search", int(v)) for v in ef_searches)
     if threads:
         faiss.omp_set_num_threads(threads)
     tmp = tempfile.mkdtemp(prefix="lorasearch-bench-", dir=workdir)
     try:
         with _blas_threads(threads):
             bandwidth = stream_bandwidth(bandwidth_bytes)
-            rows = [bench_one(n, dim, n_queries, k, device, tmp, bandwidth) for n in sizes]
+            rows = [bench_one(n, dim, n_queries, k, device, tmp, bandwidth, factory=factory, data=data, sweep=sweep)
+                    for n in sizes]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for row in rows:
@@ -163,6 +231,19 @@ def format_markdown(rows: list[dict]) -> str:
     return head + "\n".join(lines)
 
 
+def format_ann_markdown(rows: list[dict]) -> str:
+    """Build time, latency and recall@k vs exact, one line per (size, search setting)."""
+    cols = ["N", "dim", "data", "factory", "serving index", "build s", "search setting", "1-query median ms",
+            "per query in batch ms", f"recall@{rows[0]['k'] if rows else 'k'} vs exact"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        for p in r["sweep"]:
+            lines.append("| " + " | ".join([
+                f"{r['n']:,}", str(r["dim"]), r["data"], r["factory"], r["index"], f"{r['build_s']:.1f}", p["knob"],
+                f"{p['single_median_ms']:.2f}", f"{p['batch_per_query_ms']:.3f}", f"{p['recall']:.3f}"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -171,10 +252,20 @@ def main(argv=None) -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="FAISS/BLAS threads (0 = library default)")
+    p.add_argument("--factory", default=None, help="faiss index-factory string, e.g. IVF1024,Flat or HNSW32")
+    p.add_argument("--data", choices=["random", "clustered"], default="random")
+    p.add_argument("--nprobe", type=int, nargs="*", default=[], help="IVF nprobe values to sweep")
+    p.add_argument("--ef-search", type=int, nargs="*", default=[], help="HNSW efSearch values to sweep")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    rows = run(tuple(args.sizes), args.dim, args.queries, args.k, args.device, args.threads or None)
-    print(json.dumps({"version": 1, "rows": rows}, indent=2) if args.json else format_markdown(rows))
+    rows = run(tuple(args.sizes), args.dim, args.queries, args.k, args.device, args.threads or None,
+               factory=args.factory, data=args.data, nprobes=args.nprobe, ef_searches=args.ef_search)
+    if args.json:
+        print(json.dumps({"version": 2, "rows": rows}, indent=2))
+    else:
+        print(format_markdown(rows))
+        if any(r["sweep"] for r in rows):
+            print("\n" + format_ann_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -102,13 +102,17 @@ class Catalog:
             raise IncompatibleError(f"{path}: not a lorasearch catalog ({e})") from None
 
     @classmethod
-    def create(cls, path: Path) -> "Catalog":
+    def create(cls, path: Path, meta: dict[str, Any] | None = None) -> "Catalog":
+        """Create the schema; ``meta`` entries are recorded in the same transaction (so a
+        concurrent opener never sees the schema without them)."""
         cat = cls(path, readonly=False, new=True)
         with cat.write():
             for statement in _SCHEMA.split(";"):   # executescript() would commit mid-transaction
                 if statement.strip():
                     cat.conn.execute(statement)
-            for key, value in (("schema_version", SCHEMA_VERSION), ("generation", 0)):
+            entries = [("schema_version", SCHEMA_VERSION), ("generation", 0)]
+            entries += [(k, v) for k, v in (meta or {}).items() if v is not None]
+            for key, value in entries:
                 cat.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, str(value)))
         return cat
 

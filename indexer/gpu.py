@@ -16,6 +16,8 @@ import numpy as np
 
 from lorasearch.errors import UnavailableError, UsageError
 
+from . import factory as kinds
+
 GPU_MAX_K = 2048   # classic GPU k-selection limit (faiss/gpu/utils/DeviceDefs.cuh); larger k runs on CPU
 
 
@@ -57,9 +59,12 @@ def resolve_device(device: str | None) -> int | None:
 class GpuMirror:
     """Per-family GPU copies, keyed by (family, generation); all calls on one worker thread.
 
-    Only the inner ``IndexFlatIP`` goes to the GPU (a plain ``GpuIndexFlatIP``, supported by
-    every GPU build); result positions are mapped back to adapter ids with the ``id_map``
-    captured at upload time, so the copy and its ids always belong to the same generation.
+    Flat families: only the inner ``IndexFlatIP`` goes to the GPU (a plain ``GpuIndexFlatIP``,
+    supported by every GPU build); result positions are mapped back to adapter ids with the
+    ``id_map`` captured at upload time, so the copy and its ids always belong to the same
+    generation. IVF families (faiss factory ``IVF...``) keep ids natively and are copied whole
+    (GpuIndexIVFFlat/PQ/SQ). Anything else (HNSW, NSG...), or an IVF variant this FAISS build
+    cannot copy, is searched on the CPU: ``search`` returns None for it.
     """
 
     def __init__(self, ordinal: int = 0):
@@ -73,28 +78,48 @@ class GpuMirror:
     def _make_resources(self):
         return faiss.StandardGpuResources()
 
-    def _to_device(self, flat):
-        return faiss.index_cpu_to_gpu(self._res, self.ordinal, flat)
+    def _to_device(self, index):
+        return faiss.index_cpu_to_gpu(self._res, self.ordinal, index)
 
-    def _search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int):
+    def _set_nprobe(self, device_index, nprobe: int) -> None:
+        faiss.GpuParameterSpace().set_index_parameter(device_index, "nprobe", int(nprobe))
+
+    def _upload(self, cpu_index):
+        """(device index, id_map or None when the device index returns ids itself), or None."""
+        if kinds.is_flat(cpu_index):
+            return self._to_device(faiss.downcast_index(cpu_index.index)), faiss.vector_to_array(cpu_index.id_map).copy()
+        if isinstance(cpu_index, (faiss.IndexIDMap, faiss.IndexIDMap2)) or faiss.try_extract_index_ivf(cpu_index) is None:
+            return None                                # HNSW and friends have no GPU version
+        try:
+            return self._to_device(cpu_index), None
+        except RuntimeError:                           # "not implemented on GPU" for this IVF variant
+            return None
+
+    def _search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int, nprobe: int):
         current = self._copies.get(family)
         if current is None or current[0] != generation:
             self._copies.pop(family, None)            # free the stale copy before uploading the new one
-            flat = faiss.downcast_index(cpu_index.index)
-            current = (generation, self._to_device(flat), faiss.vector_to_array(cpu_index.id_map).copy())
+            current = (generation, self._upload(cpu_index))
             self._copies[family] = current
-        _, device_index, id_map = current
+        if current[1] is None:
+            return None
+        device_index, id_map = current[1]
+        if id_map is None:
+            self._set_nprobe(device_index, nprobe)
+            return device_index.search(queries, k)
         scores, positions = device_index.search(queries, k)
         ids = np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
         return scores, ids
 
-    def search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int):
-        """(scores, ids) like ``Index.search``; uploads the family first if its copy is stale."""
+    def search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int, nprobe: int = 1):
+        """(scores, ids) like ``Index.search``, uploading the family first if its copy is stale;
+        None when this family's index type has no GPU version (search it on the CPU)."""
         with self._guard:
-            return self._pool.submit(self._search, family, generation, cpu_index, queries, k).result()
+            return self._pool.submit(self._search, family, generation, cpu_index, queries, k, nprobe).result()
 
     def generations(self) -> dict[str, int]:
-        return {fam: entry[0] for fam, entry in self._copies.items()}
+        """Families with a live GPU copy and its generation (CPU-only families are left out)."""
+        return {fam: entry[0] for fam, entry in self._copies.items() if entry[1] is not None}
 
     def close(self) -> None:
         with self._guard:

@@ -1,4 +1,7 @@
-"""FAISS snapshots: one ``IndexIDMap2(IndexFlatIP(dim))`` file per family, rebuildable from the catalog.
+"""FAISS snapshots: one index file per family, rebuildable from the catalog.
+
+The index in a file is ``IndexIDMap2(IndexFlatIP(dim))`` by default, or the type of the
+index's faiss factory string (see ``factory.py``).
 
 A snapshot's file name carries the catalog generation it reflects
 (``faiss/<family>.g<generation>.faiss``), so a reader knows without any extra manifest
@@ -16,6 +19,8 @@ from urllib.parse import quote
 
 import faiss
 import numpy as np
+
+from . import factory as kinds
 
 SAMPLE_CHECK = 16   # vectors compared against the catalog when a snapshot is loaded
 
@@ -40,24 +45,24 @@ def snapshot_path(folder: Path, family: str, generation: int) -> Path:
     return folder / f"{file_stem(family)}.g{int(generation)}.faiss"
 
 
-def build(dim: int, ids: np.ndarray, vectors: np.ndarray) -> faiss.IndexIDMap2:
-    """A fresh exact inner-product index holding ``vectors`` under ``ids`` (ids must be unique)."""
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-    return index
+def build(dim: int, ids: np.ndarray, vectors: np.ndarray, factory: str = kinds.FLAT):
+    """A fresh inner-product index holding ``vectors`` under ``ids`` (ids must be unique):
+    exact flat, or ``factory``'s type once the family is big enough to train it."""
+    return kinds.build(dim, ids, vectors, factory)
 
 
 def index_ids(index) -> np.ndarray:
-    return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+    return kinds.ids_of(index)
 
 
-def load(path: Path, dim: int, expected_ids: np.ndarray, embeddings_of, mmap: bool = False):
+def load(path: Path, dim: int, expected_ids: np.ndarray, embeddings_of, mmap: bool = False,
+         factory: str = kinds.FLAT):
     """Read and validate a snapshot; returns ``(index, None)`` or ``(None, reason)``.
 
     Validation is cheap but catches what matters: right type and dim, exactly the catalog's
     ids (FAISS silently accepts duplicates, so ntotal alone is not enough), and a sample of
-    vectors byte-identical to the catalog's embeddings. ``embeddings_of(ids) -> {id: bytes}``.
+    vectors byte-identical to the catalog's embeddings (for types that store vectors exactly).
+    A flat fallback of a factory index big enough to be trained is reported as stale. ``embeddings_of(ids) -> {id: bytes}``.
     ``mmap`` is for processes that will never mutate the index (FAISS aborts on add to an
     mmapped index).
     """
@@ -68,15 +73,17 @@ def load(path: Path, dim: int, expected_ids: np.ndarray, embeddings_of, mmap: bo
         index = faiss.read_index(str(path), flags)
     except (RuntimeError, MemoryError) as e:
         return None, f"unreadable ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
-    if not isinstance(index, faiss.IndexIDMap2):
-        return None, f"wrong index type {type(index).__name__}"
     if index.d != dim:
         return None, f"dim {index.d} != catalog dim {dim}"
+    if not kinds.matches(index, factory, dim):
+        return None, f"wrong index type {type(index).__name__} for factory {factory}"
+    if kinds.is_fallback(index, factory) and len(expected_ids) >= kinds.min_train(factory, dim):
+        return None, f"flat fallback but {len(expected_ids)} vectors are enough to train {factory}"
     if index.ntotal != len(expected_ids):
         return None, f"ntotal {index.ntotal} != catalog count {len(expected_ids)}"
     if not np.array_equal(np.sort(index_ids(index)), expected_ids):
         return None, "ids differ from the catalog"
-    if len(expected_ids):
+    if len(expected_ids) and kinds.stores_exact(index):
         sample = expected_ids[np.linspace(0, len(expected_ids) - 1, min(SAMPLE_CHECK, len(expected_ids))).astype(int)]
         stored = embeddings_of(sample)
         for i in sample:

@@ -4,6 +4,7 @@ An index is a directory::
 
     catalog.sqlite          SQLite/WAL, the source of truth (records *and* embeddings)
     faiss/<family>.g<N>.faiss   IndexIDMap2(IndexFlatIP(dim)) per family, a rebuildable snapshot
+                                (or the type of the faiss factory string fixed at creation)
     writer.lock             flock held by the one writer (its pid inside)
 
 Guarantees:
@@ -17,6 +18,9 @@ Guarantees:
   id (and ``added_at``); removing a path and adding it again gives a new id.
 - Scores are cosine similarities: stored and query vectors are L2-normalized (a zero vector
   stays zero and scores 0 against everything).
+- Search is exact unless the index was created with a faiss factory string (e.g.
+  ``"IVF1024,Flat"``, ``"HNSW32"``): then each family large enough to train it is searched
+  approximately, with ``nprobe`` / ``ef_search`` per open or per search (``factory.py``).
 
 Within one process the object is thread-safe (calls are serialized); use one object per thread
 for parallel CPU searches if that ever matters.
@@ -36,6 +40,7 @@ import numpy as np
 
 from lorasearch.errors import (IncompatibleError, IndexLockedError, MissingError, UsageError)
 
+from . import factory as kinds
 from . import snapshot
 from .catalog import Catalog
 from .gpu import GPU_MAX_K, GpuMirror, resolve_device
@@ -55,8 +60,14 @@ def _resolve(path) -> str:
 class LoraIndex:
     """Open with ``LoraIndex.open(path, create=..., readonly=..., device=...)``."""
 
-    def __init__(self, root: Path, catalog: Catalog, readonly: bool, gpu_ordinal: int | None, lock_timeout: float):
+    def __init__(self, root: Path, catalog: Catalog, readonly: bool, gpu_ordinal: int | None, lock_timeout: float,
+                 factory: str = kinds.FLAT, nprobe: int | None = None, ef_search: int | None = None):
         self.root = root
+        self.factory = factory
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self._min_train: int | None = None
+        self._stale: set[str] = set()             # families whose cached index must be rebuilt from the catalog
         self.catalog = catalog
         self.readonly = readonly
         self.lock_timeout = lock_timeout
@@ -73,8 +84,15 @@ class LoraIndex:
     # -- opening ------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike = ".lorasearch", create: bool = False, readonly: bool = False,
-             device: str = "auto", lock_timeout: float = 0.0) -> "LoraIndex":
+             device: str = "auto", lock_timeout: float = 0.0, factory: str | None = None,
+             nprobe: int | None = None, ef_search: int | None = None) -> "LoraIndex":
         """Open the index directory ``path``; ``create`` makes it if missing.
+
+        ``factory``: a FAISS index-factory string (``"IVF1024,Flat"``, ``"HNSW32"``) fixed
+        when the index is created (``None``/``"Flat"``: exact search); reopening with a
+        different one raises ``IncompatibleError``, ``None`` means "whatever it was created
+        with". ``nprobe`` / ``ef_search``: IVF / HNSW search breadth for this session
+        (default: recorded at creation, else ``factory.DEFAULT_NPROBE`` / ``DEFAULT_EF_SEARCH``).
 
         ``readonly`` never writes anything (snapshots are memory-mapped, repairs stay in memory).
         ``device``: ``auto`` uses a GPU search copy when FAISS has one, ``cuda`` insists
@@ -85,6 +103,10 @@ class LoraIndex:
         if create and readonly:
             raise UsageError(f"{root}: cannot create an index read-only")
         gpu_ordinal = resolve_device(device)
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        asked = None if factory is None else kinds.normalize(factory)
         catalog_path = root / CATALOG_FILE
         if not catalog_path.is_file():
             if not create:
@@ -93,20 +115,27 @@ class LoraIndex:
             if root.exists() and not root.is_dir():
                 raise UsageError(f"{root}: exists and is not a directory")
             try:
+                if asked is not None:
+                    kinds.validate(asked)
                 root.mkdir(parents=True, exist_ok=True)
-                catalog = Catalog.create(catalog_path)
+                catalog = Catalog.create(catalog_path, meta={"faiss_factory": asked or kinds.FLAT,
+                                                             "nprobe": nprobe, "ef_search": ef_search})
             except (OSError, sqlite3.Error) as e:
                 raise MissingError(f"{root}: cannot create an index here ({getattr(e, 'strerror', None) or e})") from None
         else:
             catalog = cls._open_existing(catalog_path, readonly)
         try:
             catalog.check_schema()
+            recorded = catalog.meta("faiss_factory") or kinds.FLAT   # indexes made before the option: flat
+            kinds.check_pinned(str(root), recorded, asked)
+            nprobe = nprobe or int(catalog.meta("nprobe") or kinds.DEFAULT_NPROBE)
+            ef_search = ef_search or int(catalog.meta("ef_search") or kinds.DEFAULT_EF_SEARCH)
         except Exception:
             catalog.close()
             raise
         if not readonly:
             (root / SNAPSHOT_DIR).mkdir(exist_ok=True)
-        return cls(root, catalog, readonly, gpu_ordinal, lock_timeout)
+        return cls(root, catalog, readonly, gpu_ordinal, lock_timeout, recorded, nprobe, ef_search)
 
     @staticmethod
     def _open_existing(catalog_path: Path, readonly: bool) -> Catalog:
@@ -175,6 +204,7 @@ class LoraIndex:
         """Refuse an encoder other than the one that built the index; the first writer records it."""
         current = self.encoder
         if current is None and not self.readonly:
+            kinds.validate(self.factory, int(dim))     # refuse before anything is recorded
             with self._mutex, self._writing(), self.catalog.write():
                 if self.catalog.meta("encoder_spec") is None:
                     self.catalog.set_meta("encoder_spec", spec)
@@ -251,17 +281,24 @@ class LoraIndex:
                     self._cache.pop(family, None)
                     return None, None
                 cached = self._cache.get(family)
-                if cached is not None and cached[0] == gen:
+                if cached is not None and cached[0] == gen and family not in self._stale:
                     return cached[1], gen
                 dim = self._require_dim()
+                if family in self._stale:         # a planned rebuild (HNSW removal, first training)
+                    ids, vectors = self.catalog.family_vectors(family, dim)
+                    index = snapshot.build(dim, ids, vectors, self.factory)
+                    self._stale.discard(family)
+                    self._unsaved.add(family)
+                    self._cache[family] = (gen, index)
+                    return index, gen
                 ids = self.catalog.family_ids(family)
                 index, reason = snapshot.load(self._snapshot_path(family, gen), dim, ids,
-                                              self.catalog.embeddings, mmap=self.readonly)
+                                              self.catalog.embeddings, mmap=self.readonly, factory=self.factory)
                 # a missing file may mean a writer just replaced it: look again once, in a fresh transaction
                 if index is not None or reason != "missing" or attempt == 1 or self._lock_depth:
                     if index is None:
                         ids, vectors = self.catalog.family_vectors(family, dim)
-                        index = snapshot.build(dim, ids, vectors)
+                        index = snapshot.build(dim, ids, vectors, self.factory)
                         self.repairs[family] = reason
                         self._unsaved.add(family)
                     self._cache[family] = (gen, index)
@@ -320,6 +357,11 @@ class LoraIndex:
             out.append((dict(rec, path=path, family=family), vec))
         return out
 
+    def _train_min(self, dim: int) -> int:
+        if self._min_train is None:
+            self._min_train = kinds.min_train(self.factory, dim)
+        return self._min_train
+
     def _require_dim(self) -> int:
         dim = self.dim
         if dim is None:
@@ -342,7 +384,7 @@ class LoraIndex:
             with self.catalog.read():
                 previous = self.catalog.families_of_paths([r["path"] for r, _ in prepared])
             touched = {r["family"] for r, _ in prepared} | previous
-            for family in touched:                 # bring the in-memory copies up to date first
+            for family in touched - self._stale:   # bring the in-memory copies up to date first
                 self._family_index(family)
             with self.catalog.write():
                 ids, replaced = [], []
@@ -376,7 +418,7 @@ class LoraIndex:
                 return 0
             dim = self._require_dim()
             touched = set(targets.values())
-            for family in touched:
+            for family in touched - self._stale:   # stale ones are rebuilt from the catalog anyway
                 self._family_index(family)
             with self.catalog.write():
                 for adapter_id in targets:
@@ -398,16 +440,24 @@ class LoraIndex:
             for family in touched:
                 cached = self._cache.pop(family, None)
                 if family not in live:
+                    self._stale.discard(family)
                     continue                        # family emptied: its files go at the next prune
-                index = cached[1] if cached is not None else snapshot.build(dim, np.empty(0, np.int64), None)
+                self._unsaved.add(family)
+                if family in self._stale:
+                    continue                        # rebuilt from the catalog when next needed
+                index = cached[1] if cached is not None else snapshot.build(dim, np.empty(0, np.int64), None,
+                                                                            self.factory)   # new family
                 gone = np.array([i for i, f in removed if f == family], dtype=np.int64)
-                if len(gone):
-                    index.remove_ids(gone)
+                if len(gone) and not kinds.remove(index, gone):
+                    self._stale.add(family)         # the type cannot remove (HNSW): the catalog is the truth
+                    continue
                 mine = [(i, v) for i, f, v in added if f == family]
                 if mine:
                     index.add_with_ids(np.stack([v for _, v in mine]), np.array([i for i, _ in mine], dtype=np.int64))
+                if kinds.is_fallback(index, self.factory) and index.ntotal >= self._train_min(dim):
+                    self._stale.add(family)         # enough vectors now: train the factory type
+                    continue
                 self._cache[family] = (gen, index)
-                self._unsaved.add(family)
         except BaseException:
             for family in touched:                  # the catalog is committed; let the next read rebuild
                 self._cache.pop(family, None)
@@ -416,8 +466,12 @@ class LoraIndex:
             self.flush()
 
     # -- reads --------------------------------------------------------------------------
-    def search(self, vectors, family: str, k: int = 10) -> list[list[tuple[int, float]]]:
-        """For each query row, up to ``k`` ``(id, cosine)`` pairs from ``family``, best first."""
+    def search(self, vectors, family: str, k: int = 10, nprobe: int | None = None,
+               ef_search: int | None = None) -> list[list[tuple[int, float]]]:
+        """For each query row, up to ``k`` ``(id, cosine)`` pairs from ``family``, best first.
+
+        ``nprobe`` / ``ef_search`` override the session's for this call (factory indexes only);
+        an approximate index may return fewer than ``k`` rows when few lists are probed."""
         queries = np.array(vectors, dtype=np.float32, copy=True)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -439,10 +493,16 @@ class LoraIndex:
             if index is None or index.ntotal == 0:
                 return empty
             kk = min(int(k), index.ntotal)
-            if self._gpu is not None and kk <= GPU_MAX_K:
-                scores, ids = self._gpu.search(family, gen, index, queries, kk)
+            nprobe, ef_search = int(nprobe or self.nprobe), int(ef_search or self.ef_search)
+            found = None
+            if self._gpu is not None and kk <= GPU_MAX_K and nprobe <= GPU_MAX_K:
+                found = self._gpu.search(family, gen, index, queries, kk, nprobe)
+            if found is not None:
+                scores, ids = found
             else:
                 snapshot.tune_blas(dim)
+                if self.factory != kinds.FLAT:
+                    kinds.set_search_params(index, nprobe, ef_search)
                 scores, ids = index.search(queries, kk)
         self._save_repairs()
         return [[(int(i), float(s)) for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
@@ -502,8 +562,11 @@ class LoraIndex:
                 "dim": self.dim,
                 "generation": self.catalog.generation(),
                 "schema_version": int(self.catalog.meta("schema_version")),
-                "snapshots": {f: {"generation": g, "on_disk": self._snapshot_path(f, g).exists()}
-                              for f, g in sorted(gens.items())},
+                "snapshots": {f: {"generation": g, "on_disk": self._snapshot_path(f, g).exists(),
+                                  "index": self._describe(f)} for f, g in sorted(gens.items())},
+                "faiss_factory": self.factory,
+                "nprobe": self.nprobe,
+                "ef_search": self.ef_search,
                 "repairs": dict(self.repairs),
                 "device": f"cuda:{self._gpu.ordinal}" if self._gpu is not None else "cpu",
                 "gpu": self._gpu is not None,
@@ -512,6 +575,19 @@ class LoraIndex:
             }
         out["disk_bytes"] = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
         return out
+
+    def _describe(self, family: str) -> str:
+        """The index type serving ``family`` (the loaded one, else what a build would give)."""
+        if self.factory == kinds.FLAT:
+            return kinds.FLAT
+        cached = self._cache.get(family)
+        n = self.catalog.count(family)
+        if cached is not None and family not in self._stale:
+            return kinds.describe(cached[1], self.factory, n)
+        dim = self._require_dim()
+        if n >= self._train_min(dim):
+            return self.factory
+        return kinds.describe(snapshot.build(dim, np.empty(0, np.int64), None), self.factory, n)
 
     def check(self) -> dict:
         """Verify every family's FAISS index holds exactly the catalog's ids (ntotal == count).

@@ -63,11 +63,18 @@ def _emit(obj: dict, as_json: bool, text: str) -> None:
         click.echo(text)
 
 
-def _open(ctx, create=False, readonly=False, encoder=None):
+def _open(ctx, create=False, readonly=False, encoder=None, faiss_factory=None, nprobe=None, ef_search=None):
     from lorasearch.api import Lorasearch
 
     return Lorasearch(ctx.obj["index"], encoder=encoder, device=ctx.obj["device"],
-                      create=create, readonly=readonly, lock_timeout=ctx.obj.get("lock_timeout", 0.0))
+                      create=create, readonly=readonly, lock_timeout=ctx.obj.get("lock_timeout", 0.0),
+                      faiss_factory=faiss_factory, nprobe=nprobe, ef_search=ef_search)
+
+
+def _factory_option(f):
+    return click.option("--faiss-factory", default=None, metavar="STR",
+                        help="FAISS index-factory string for a NEW index, e.g. IVF1024,Flat or HNSW32 "
+                             "(default: exact Flat; an existing index keeps its own).")(f)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,15 +115,16 @@ def _report_errors(report) -> None:
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
 @click.option("--prune", is_flag=True, help="Also remove indexed adapters under DIR that no longer exist.")
+@_factory_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
-def index(ctx, directory, encoder, prune, as_json):
+def index(ctx, directory, encoder, prune, faiss_factory, as_json):
     """Index every adapter under DIRECTORY (recursive, incremental).
 
     Bad files are reported on stderr and skipped; the exit code is 0 unless every adapter
     found was refused (65). DIRECTORY may also be one adapter file or PEFT folder."""
     _must_exist(directory)
-    ls = _open(ctx, create=True, encoder=encoder)
+    ls = _open(ctx, create=True, encoder=encoder, faiss_factory=faiss_factory)
     report = ls.index_dir(directory, prune=prune)
     _report_errors(report)
     if not (report.added or report.updated or report.unchanged or report.errors):
@@ -130,13 +138,14 @@ def index(ctx, directory, encoder, prune, as_json):
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
+@_factory_option
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def add(ctx, files, encoder, as_json):
+def add(ctx, files, encoder, faiss_factory, as_json):
     """Add (or refresh) adapter files or PEFT folders; a plain folder adds every adapter under it.
 
     Exit 66 if every failure was a missing path, 65 if any file was refused, else 0."""
-    ls = _open(ctx, create=True, encoder=encoder)
+    ls = _open(ctx, create=True, encoder=encoder, faiss_factory=faiss_factory)
     report = ls.add(files)
     _report_errors(report)
     _emit(report.as_dict(), as_json, report.summary())
@@ -169,11 +178,15 @@ def remove(ctx, items, as_json):
 @click.option("--encoder", default=None, help="Must match the index's encoder.")
 @click.option("--rerank", type=click.IntRange(0, 10000), default=None,
               help="Candidates re-scored by exact ΔW cosine (default max(5k, 50) within 512 MiB of files; 0 = off).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=None,
+              help="IVF lists visited per query (approximate indexes only).")
+@click.option("--ef-search", type=click.IntRange(min=1), default=None,
+              help="HNSW search breadth (approximate indexes only).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def query(ctx, file, k, threshold, encoder, rerank, as_json):
+def query(ctx, file, k, threshold, encoder, rerank, nprobe, ef_search, as_json):
     """The K indexed adapters most similar to FILE."""
-    ls = _open(ctx, readonly=True, encoder=encoder)
+    ls = _open(ctx, readonly=True, encoder=encoder, nprobe=nprobe, ef_search=ef_search)
     res = ls.query(file, k=k, threshold=threshold, rerank=rerank)
     q = res["query"]
     if not res["results"] and not q.get("indexed_in_family"):
@@ -193,8 +206,9 @@ def query(ctx, file, k, threshold, encoder, rerank, as_json):
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between scans.")
 @click.option("--encoder", default=None)
 @click.option("--no-prune", is_flag=True, help="Keep indexed adapters whose files disappear.")
+@_factory_option
 @click.pass_context
-def watch(ctx, directory, interval, encoder, no_prune):
+def watch(ctx, directory, interval, encoder, no_prune, faiss_factory):
     """Index adapters under DIRECTORY as they appear, change or disappear (Ctrl-C stops, exit 130).
 
     Prints `indexed PATH` / `removed PATH` lines on stdout as it goes; files still being
@@ -202,7 +216,7 @@ def watch(ctx, directory, interval, encoder, no_prune):
     if not interval > 0:
         raise UsageError(f"--interval must be a positive number of seconds, not {interval}")
     _must_exist(directory)
-    ls = _open(ctx, create=True, encoder=encoder)
+    ls = _open(ctx, create=True, encoder=encoder, faiss_factory=faiss_factory)
     first = ls.index_dir(directory, prune=not no_prune)
     _report_errors(first)
     click.echo(f"watching {directory}: {first.summary()}", err=True)

@@ -243,3 +243,18 @@ def test_rerank_depth_and_query_file_first(tmp_path, gallery):
     off = json.loads(run(idx, "query", gallery / "ad2", "-k", "7", "--rerank", "0", "--json").stdout)
     assert [r["reranked"] for r in off["results"][1:]] == [False] * 6
     assert [r["score"] for r in off["results"][1:]] == [r["embedding_score"] for r in off["results"][1:]]
+
+
+def test_faiss_factory_is_fixed_at_creation(tmp_path, gallery):
+    idx = tmp_path / "idx"
+    assert run(idx, "index", gallery, "--faiss-factory", "HNSW16").exit_code == 0
+    st = json.loads(run(idx, "stats", "--json").stdout)
+    assert "HNSW16" in json.dumps(st)
+    out = json.loads(run(idx, "query", gallery / "ad1.safetensors", "-k", "3", "--ef-search", "32",
+                         "--json").stdout)
+    assert out["results"][0]["match"] == "exact" and len(out["results"]) == 3
+    res = run(idx, "add", gallery / "ad2", "--faiss-factory", "IVF4,Flat")
+    assert res.exit_code == 2 and "HNSW16" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert run(idx, "index", tmp_path / "other", "--faiss-factory", "NOT_A_FACTORY").exit_code == 66
+    res = run(tmp_path / "idx2", "index", gallery, "--faiss-factory", "NOT_A_FACTORY")
+    assert res.exit_code == 2 and not (tmp_path / "idx2" / "catalog.sqlite").exists()
