@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lorasearch.types import LoraAdapter, LoraModule
 
@@ -266,11 +265,3 @@ class StackedAdamW:
             v.copy_(torch.where(a, v * self.b2 + (1 - self.b2) * g * g, v))
             denom = v.sqrt() / bc2_sqrt.to(p.dtype).view(view) + self.eps
             p.sub_(step_size.to(p.dtype).view(view) * m / denom)
-
-
-def loss_and_backward(logits: torch.Tensor, y: torch.Tensor, route: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-adapter mean cross-entropy ``[n]``; backpropagates their sum (independent gradients)."""
-    per = per_adapter_mean(F.cross_entropy(logits, y, reduction="none"), route, n)
-    per.sum().backward()
-    return per.detach()
-

@@ -92,9 +92,7 @@ def drift_curves(adapters: Sequence[LoraAdapter], methods: Sequence[str] = ("ske
     if len(adapters) < 2:
         raise UsageError("invariance needs at least 2 adapters")
     k = min(k, len(adapters) - 1)
-    orig = canonicalize_many(adapters, device=device)
-    for c, a in zip(orig, adapters):
-        c.raw = c.raw or a
+    orig = canonicalize_many(adapters, device=device)     # .raw (for rawcos) is set by canonicalize_many
     encoders = {m: (None if m in REFERENCE_METHODS else encoder_for(m, orig)) for m in methods}
     caches = {m: {} for m in methods}
     off_diag = ~np.eye(len(adapters), dtype=bool)
@@ -111,8 +109,6 @@ def drift_curves(adapters: Sequence[LoraAdapter], methods: Sequence[str] = ("ske
         pairs = [reparameterize(a, t, rng, mode) for a in adapters]
         result["cond_max"].append(max(c for _, c in pairs))
         rep = canonicalize_many([p for p, _ in pairs], device=device)
-        for c, (a, _) in zip(rep, pairs):
-            c.raw = c.raw or a
         for m in methods:
             S1 = _similarity(m, encoders[m], orig, rep, caches[m])   # [original, reparameterized]
             drift = np.clip(1.0 - np.diag(S1), 0.0, None)

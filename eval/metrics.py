@@ -148,7 +148,8 @@ def evaluate_scores(scores: np.ndarray, relevant: np.ndarray, valid: np.ndarray 
             out.append(None)
             continue
         order = rank_by_score(scores[q], valid[q], relevant[q])
-        out.append(query_metrics(relevant[q, order[:k]].astype(np.float64), n_rel, k))
+        # the whole ranking: the @k metrics cut it themselves, MRR needs the first hit anywhere
+        out.append(query_metrics(relevant[q, order].astype(np.float64), n_rel, k))
     return out
 
 

@@ -218,12 +218,8 @@ def load(es: EvalSet, device: str = "auto") -> EvalSet:
     items = es.items
     bar = tqdm(items, desc="reading adapters", unit="adapter", disable=not sys.stderr.isatty(), leave=False)
     raws = [load_adapter(it.path) for it in bar]
-    canon = canonicalize_many(raws, device=device)
-    loaded = []
-    for it, raw, c in zip(items, raws, canon):
-        if getattr(c, "raw", None) is None:
-            c.raw = raw
-        loaded.append(replace(it, canonical=c))
+    canon = canonicalize_many(raws, device=device)        # each keeps .raw = its LoraAdapter
+    loaded = [replace(it, canonical=c) for it, c in zip(items, canon)]
     n = len(es.gallery)
     return EvalSet(loaded[:n], loaded[n:], es.source)
 

@@ -220,10 +220,6 @@ class Catalog:
         row = self.conn.execute(f"{_SELECT} WHERE path = ?", (path,)).fetchone()
         return None if row is None else _record(row)
 
-    def id_of_path(self, path: str) -> int | None:
-        row = self.conn.execute("SELECT id FROM adapters WHERE path = ?", (path,)).fetchone()
-        return None if row is None else int(row[0])
-
     def families_of_paths(self, paths: list[str]) -> set[str]:
         out: set[str] = set()
         for start in range(0, len(paths), 500):        # stay under SQLite's bound-parameter limit

@@ -102,6 +102,16 @@ class Lorasearch:
         self._encoder_spec = encoder
         self._encoder = None
 
+    def close(self) -> None:
+        """Close the catalog connection (and the GPU copy); also on leaving a ``with`` block."""
+        self.index.close()
+
+    def __enter__(self) -> "Lorasearch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- encoder -----------------------------------------------------------------------------
     @property
     def encoder(self):
@@ -110,12 +120,13 @@ class Lorasearch:
             from lorasearch.encoders import get_encoder
 
             recorded = self.index.encoder_spec()
-            spec = self._encoder_spec or recorded
-            if recorded and self._encoder_spec and self._encoder_spec != recorded:
+            enc = get_encoder(self._encoder_spec or recorded)
+            # compare normalized specs: `sketch:dim=1024` is the recorded `sketch`
+            if recorded and self._encoder_spec and enc.spec != recorded:
                 raise IncompatibleError(
-                    f"index {self.path} was built with encoder {recorded!r}, not {self._encoder_spec!r}; "
+                    f"index {self.path} was built with encoder {recorded!r}, not {enc.spec!r}; "
                     f"use a separate --index for another encoder")
-            self._encoder = get_encoder(spec)
+            self._encoder = enc
         return self._encoder
 
     def _embed(self, adapters: list) -> tuple[np.ndarray, list[float]]:
@@ -208,12 +219,14 @@ class Lorasearch:
                 return rec
         return self.index.by_path(os.path.realpath(adapter_root(Path(text))))
 
-    def _sync(self, paths: list[Path], progress: bool | None = None) -> SyncReport:
-        """The one ingest path: stat → (skip | hash → (touch | load → embed → upsert)).
+    def _sync(self, paths: list[Path], progress: bool | None = None,
+              stats: dict[str, tuple[int, int]] | None = None) -> SyncReport:
+        """The one ingest path: stat → (skip | [hash if indexed before →] (touch | load → embed → upsert)).
 
         Paths are keyed by their real path, so a symlink and its target (or two links to one file)
         are one adapter. Only what reached the catalog is reported as added/updated: if the run is
-        interrupted, the exception carries ``partial_report`` with what was kept.
+        interrupted, the exception carries ``partial_report`` with what was kept. ``stats``: the
+        (size, mtime_ns) already taken by ``watch``'s scan, keyed by real path (not stat'ed again).
         """
         report = SyncReport()
         known = self.index.fingerprints()    # one query: {path: (id, size, mtime_ns, sha256, family)}
@@ -226,7 +239,7 @@ class Lorasearch:
             seen.add(key)
             resolved = Path(key)
             try:
-                size, mtime = stat_adapter(resolved)
+                size, mtime = stats[key] if stats is not None and key in stats else stat_adapter(resolved)
             except OSError as e:
                 report.errors.append((str(p), f"{p}: {e.strerror or e}"))
                 continue
@@ -255,15 +268,17 @@ class Lorasearch:
         pending: list[tuple[dict, object, bool]] = []   # (record, adapter, was it indexed before)
         for resolved, size, mtime, old in work:
             try:
-                sha = adapter_sha256(resolved)
-                if old is not None and old[3] == sha:
-                    # same bytes, only the timestamp moved: refresh stat, keep the vector
-                    self.index.touch(old[0], size=size, mtime_ns=mtime)
-                    report.unchanged.append(str(resolved))
-                    bar.update(1)
-                    continue
+                sha = None
+                if old is not None:
+                    sha = adapter_sha256(resolved)
+                    # same bytes, only the timestamp moved: refresh stat, keep the vector (unless
+                    # another writer removed the record since `known` was read: then index it again)
+                    if old[3] == sha and self.index.touch(old[0], size=size, mtime_ns=mtime):
+                        report.unchanged.append(str(resolved))
+                        bar.update(1)
+                        continue
+                # a new file is hashed by load_adapter itself, overlapped with parsing (one read)
                 adapter = load_adapter(resolved, sha256=sha)
-                adapter.sha256 = sha
                 pending.append((self._record(adapter, resolved, size, mtime), adapter, old is not None))
             except (LorasearchError, OSError) as e:
                 msg = str(e) if isinstance(e, LorasearchError) else f"{resolved}: {e.strerror or e}"
@@ -283,9 +298,13 @@ class Lorasearch:
         canonicalizer/encoder rejects costs only itself."""
         try:
             vecs, norms = self._embed([a for _r, a, _o in pending])
-        except LorasearchError as e:
+        except (LorasearchError, RuntimeError, ValueError) as e:
+            # RuntimeError: torch's LinAlgError on finite factors whose float32 product overflows
             if len(pending) == 1:
-                report.errors.append((pending[0][0]["path"], str(e)))
+                path = pending[0][0]["path"]
+                msg = str(e) if isinstance(e, LorasearchError) else \
+                    f"{path}: cannot canonicalize or embed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                report.errors.append((path, msg))
             else:
                 for item in pending:
                     self._flush([item], report)
@@ -372,7 +391,8 @@ class Lorasearch:
                     item["match"] = "same-update"
         order = {"exact": 0, "same-update": 1, "similar": 2}
         qpath = str(adapter_root(path).resolve())
-        results.sort(key=lambda r: (order[r["match"]], -r["score"], r["path"] != qpath))
+        # re-scored candidates rank above any left out by the re-ranking budget (as eval's SPEC+rerank@N)
+        results.sort(key=lambda r: (order[r["match"]], not r["reranked"], -r["score"], r["path"] != qpath))
         if threshold is not None:
             results = [r for r in results if r["score"] >= threshold]
         results = results[:k]
@@ -441,7 +461,7 @@ class Lorasearch:
             if current is not None:
                 stable = [Path(p) for p, st in current.items() if seen.get(p) == st and failed.get(p) != st]
                 try:
-                    report = self._sync(stable, progress=False) if stable else SyncReport()
+                    report = self._sync(stable, progress=False, stats=current) if stable else SyncReport()
                     held = []
                     for p, msg in report.errors:
                         st = current.get(p)

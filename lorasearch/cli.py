@@ -26,9 +26,6 @@ DEVICE = click.Choice(["auto", "cpu", "cuda"])
 EXIT_INTERNAL = 1
 
 
-_fail, _interrupted = fail, interrupted
-
-
 class _Group(ErrorGroup):
     """Maps every failure, click's own included, to one line on stderr and the documented exit code."""
 
@@ -39,11 +36,11 @@ class _Group(ErrorGroup):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as e:   # click's own: bad option, missing argument …
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-            _fail(f"error: {' '.join(e.format_message().split())}{hint}", EXIT_USAGE)
+            fail(f"error: {' '.join(e.format_message().split())}{hint}", EXIT_USAGE)
         except click.exceptions.Abort as e:
-            _interrupted(e.__context__ or e)
+            interrupted(e.__context__ or e)
         except click.ClickException as e:
-            _fail(f"error: {' '.join(e.format_message().split())}", e.exit_code)
+            fail(f"error: {' '.join(e.format_message().split())}", e.exit_code)
         except BrokenPipeError:                   # `lorasearch query … | head -1`
             sys.stdout = open(os.devnull, "w")
             sys.exit(EXIT_INTERNAL)
@@ -52,7 +49,7 @@ class _Group(ErrorGroup):
                 raise
             msg = " ".join(str(e).split()) or "(no message)"
             code = EXIT_MISSING if isinstance(e, FileNotFoundError) else EXIT_INTERNAL
-            _fail(f"error: {type(e).__name__}: {msg} (set LORASEARCH_DEBUG=1 for a traceback)", code)
+            fail(f"error: {type(e).__name__}: {msg} (set LORASEARCH_DEBUG=1 for a traceback)", code)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -233,7 +230,7 @@ def watch(ctx, directory, interval, encoder, no_prune, faiss_factory):
         ls.watch(directory, interval=interval, prune=not no_prune, on_report=show,
                  on_note=lambda msg: click.echo(f"lorasearch: note: {msg}", err=True))
     except KeyboardInterrupt:
-        _fail(f"watch stopped; the index at {ls.path} is up to date as of the last scan", EXIT_INTERRUPTED)
+        fail(f"watch stopped; the index at {ls.path} is up to date as of the last scan", EXIT_INTERRUPTED)
 
 
 @cli.command()

@@ -67,7 +67,6 @@ def make(suite: str, out, n: int | None = None, seed: int = 0, device: str = "au
     return res if isinstance(res, dict) else {"manifest": str(res)}
 
 
-
 @click.group(name="data", cls=ErrorGroup)
 def data() -> None:
     """Build LoRA collections: fine-tune real adapters in batches, write them with a manifest."""

@@ -20,7 +20,6 @@ from lorasearch.errors import UsageError
 PATH = click.Path(path_type=Path)
 
 
-
 def _device(ctx) -> str:
     obj = ctx.find_root().obj
     return obj.get("device", "auto") if isinstance(obj, dict) else "auto"
@@ -86,7 +85,7 @@ def eval_group():
 @eval_group.command("retrieval")
 @_inputs
 @click.option("--no-references", is_flag=True, help="Skip the rawcos and dense reference methods.")
-@click.option("-k", "k", default=10, show_default=True, help="Cut-off of NDCG/mAP/Recall.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Cut-off of NDCG/mAP/Recall.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--out", type=PATH, help="Also write the JSON object to this file.")
 @click.pass_context

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
+from lorasearch.cli_common import fail
 from lorasearch.errors import LorasearchError
 
 FITTED = ("flatvec_pca", "flatvec", "stats_layer", "stats_layer_dense")
@@ -23,7 +23,7 @@ FITTED = ("flatvec_pca", "flatvec", "stats_layer", "stats_layer_dense")
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--weight-decay", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--val-frac", default=0.15, show_default=True, help="Validation share (stratified by label).")
 @click.option("--patience", default=8, show_default=True, help="Early stopping patience in epochs.")
 @click.option("--label-column", default="label", show_default=True)
@@ -51,9 +51,8 @@ def train(encoder, collection, out, objective, epochs, batch_size, lr, weight_de
                               patience=patience, augment=augment, threads=threads, distill=distill,
                               model={"hidden": hidden} if hidden else {})
             summary = train_collection(collection, out, cfg, label_column, roles, holdout, target)
-    except LorasearchError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    except LorasearchError as e:      # also when the command runs on its own, outside the main group
+        fail(f"error: {e}", e.exit_code)
     summary = {"version": 1, "checkpoint": str(out), "encoder": encoder, **summary}
     if as_json:
         click.echo(json.dumps(summary))

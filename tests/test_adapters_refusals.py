@@ -257,3 +257,19 @@ def test_length_field_that_looks_like_a_magic_number_is_still_safetensors(tmp_pa
     assert p.read_bytes()[:2] == struct.pack("<Q", n)[:2]
     ad = load_adapter(p)
     assert len(ad.modules) == 1 and ad.modules[0].scale == 1.0
+
+
+def test_empty_and_overflowing_factors_are_refused(tmp_path):
+    from safetensors.numpy import save_file as save_np
+
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    p = tmp_path / "empty.safetensors"
+    save_np({f"{base}.lora_down.weight": np.zeros((4, 0), np.float32),
+               f"{base}.lora_up.weight": np.ones((320, 4), np.float32)}, str(p))
+    with pytest.raises(BadAdapterError, match="empty weight"):
+        load_adapter(p)
+    p = tmp_path / "huge.safetensors"
+    save_np({f"{base}.lora_down.weight": np.full((4, 320), 1e30, np.float32),
+               f"{base}.lora_up.weight": np.ones((320, 4), np.float32)}, str(p))
+    with pytest.raises(BadAdapterError, match="too large"):
+        load_adapter(p)

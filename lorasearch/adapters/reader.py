@@ -360,15 +360,22 @@ def _module(path, st: SafetensorsFile, name: str, roles: dict, raw: str, config,
     if B.ndim == 4 and B.shape[2:] != (1, 1):
         raise BadAdapterError(path, f"module {name!r}: conv lora_up must be 1x1, got {tuple(B.shape)}")
     shape = (B.shape[0],) + tuple(A.shape[1:]) if A.ndim == 4 else (B.shape[0], A.shape[1])
+    if 0 in shape:
+        raise BadAdapterError(path, f"module {name!r} adapts an empty weight (shape {shape})")
     A2 = A.reshape(r, -1)
     B2 = B.reshape(B.shape[0], r)
     if check_finite:
         for part, x in (("A", A2), ("B", B2)):
             flat = x.reshape(-1)
-            if not math.isfinite(float(np.dot(flat, flat))):     # one BLAS pass; exact count only on failure
+            with np.errstate(over="ignore", invalid="ignore"):
+                ok = math.isfinite(float(np.dot(flat, flat)))    # one BLAS pass; exact count only on failure
+            if not ok:
                 bad = int(x.size - np.isfinite(x).sum())
                 if bad:
                     raise BadAdapterError(path, f"module {name!r}: {part} has {bad} NaN/Inf values of {x.size}")
+                # finite, but squares overflow float32: ΔW and every similarity would be Inf/NaN
+                raise BadAdapterError(path, f"module {name!r}: {part} values are too large to compare "
+                                            f"(max |x| = {float(np.abs(x).max()):.3g})")
     alpha, scale = _alpha(path, st, name, roles, raw, r, config, meta_cfg)
     return LoraModule(name=name, A=np.ascontiguousarray(A2), B=np.ascontiguousarray(B2), scale=scale,
                       dtype=dtype, shape=tuple(int(s) for s in shape), alpha=alpha)
