@@ -137,6 +137,10 @@ def load_encoder(name: str, arg: str | None, device: str = "auto"):
     _, enc_cls = model_classes(name)
     # the weights' hash in the version: an index notices a retrained checkpoint at the same path
     digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:12]
-    enc = enc_cls(model, path=str(arg), device=device, version=f"{config.get('version', '1')}-{digest}")
+    # the recorded spec: a shipped name as given, any other folder as an absolute path, so an
+    # index built from one working directory is usable from another (and `ck` == `./ck`)
+    shipped_name = path.parent == SHIPPED and "/" not in arg
+    enc = enc_cls(model, path=arg if shipped_name else str(path.resolve()), device=device,
+                  version=f"{config.get('version', '1')}-{digest}")
     enc.config = config
     return enc
