@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorasearch.adapters.writers import quantize, random_adapter
-from lorasearch.canonical import canonicalize, canonicalize_many, dense_delta, qr_svd
+from lorasearch.canonical import canonicalize, canonicalize_many, cholqr2_svd, dense_delta, qr_svd
 from lorasearch.errors import BadAdapterError, UnavailableError
 from lorasearch.types import LoraAdapter, LoraModule
 
@@ -178,3 +178,88 @@ def test_cuda_matches_cpu():
         pytest.skip("no CUDA")
     ad = random_adapter("sd15", rank=16, seed=4, targets=r"attn2")
     assert_same_canonical(canonicalize(ad, device="cpu"), canonicalize(ad, device="cuda"), rtol=100 * EPS32)
+
+
+# ---- CholeskyQR2 path (rank ≥ 16 on CPU) and its Householder fallback ---------------------------
+
+def conditioned_factor(out, r, cond, seed):
+    """B [out, r] with singular values geomspace(1, 1/cond) (times 0.02, as LoRA B factors)."""
+    rng = np.random.default_rng(seed)
+    q1, _ = np.linalg.qr(rng.standard_normal((out, r)))
+    q2, _ = np.linalg.qr(rng.standard_normal((r, r)))
+    return ((q1 * np.geomspace(1, 1 / cond, r)) @ q2 * 0.02).astype(np.float32)
+
+
+@pytest.fixture
+def fallbacks(monkeypatch):
+    """Counts the modules that the CholeskyQR2 path hands to Householder QR."""
+    import lorasearch.canonical as canonical_mod
+    seen = []
+    real = canonical_mod._qr_core
+
+    def counting(B, A, scale):
+        seen.append(B.shape[0])
+        return real(B, A, scale)
+    monkeypatch.setattr(canonical_mod, "_qr_core", counting)
+    return seen
+
+
+def test_cholesky_path_equals_householder_and_dense_svd(fallbacks):
+    rng = np.random.default_rng(11)
+    r, out, inn = 32, 640, 768
+    B = np.stack([conditioned_factor(out, r, c, s) for s, c in enumerate([1, 10, 100, 500])])
+    A = (rng.standard_normal((4, r, inn)) / np.sqrt(inn)).astype(np.float32)
+    sc = torch.tensor([1.0, 0.5, -2.0, 1.0])
+    U, S, V = (t.numpy() for t in cholqr2_svd(torch.from_numpy(B), torch.from_numpy(A), sc))
+    assert sum(fallbacks) == 0                   # all four took the Cholesky path
+    for i in range(4):
+        D = float(sc[i]) * B[i].astype(np.float64) @ A[i].astype(np.float64)
+        Sd = np.linalg.svd(D, compute_uv=False)
+        np.testing.assert_allclose(S[i], Sd[:r], rtol=0, atol=10 * EPS32 * Sd[0])
+        assert np.linalg.norm((U[i] * S[i]) @ V[i].T - D) / np.linalg.norm(D) < 10 * EPS32
+        np.testing.assert_allclose(U[i].T @ U[i], np.eye(r), atol=1e-5)
+        idx = np.abs(U[i]).argmax(axis=0)
+        assert (U[i][idx, np.arange(r)] > 0).all()
+    Uq, Sq, Vq = (t.numpy() for t in qr_svd(torch.from_numpy(B), torch.from_numpy(A), sc))
+    np.testing.assert_allclose(S, Sq, rtol=0, atol=50 * EPS32 * float(Sq.max()))
+
+
+def test_ill_conditioned_rank_deficient_and_zero_factors_fall_back_exactly(fallbacks):
+    rng = np.random.default_rng(12)
+    r, out, inn = 32, 320, 768
+    b = rng.standard_normal((out, r // 2)).astype(np.float32) * 0.02
+    good = conditioned_factor(out, r, 2, 1)
+    Bs = [good, conditioned_factor(out, r, 1e5, 2), np.concatenate([b, b], axis=1),
+          np.zeros((out, r), np.float32), good]
+    A = (rng.standard_normal((5, r, inn)) / np.sqrt(inn)).astype(np.float32)
+    A[4] = conditioned_factor(inn, r, 1e6, 3).T      # ill-conditioned A with a good B
+    B, At, sc = torch.from_numpy(np.stack(Bs)), torch.from_numpy(A), torch.ones(5)
+    U, S, V = (t.numpy() for t in cholqr2_svd(B, At, sc))
+    assert fallbacks == [4]                      # all but the first module were redone by QR
+    Uq, Sq, Vq = (t.numpy() for t in qr_svd(B, At, sc))
+    np.testing.assert_array_equal(S[1:], Sq[1:])  # the fallback is the Householder result itself
+    np.testing.assert_array_equal(U[1:], Uq[1:])
+    assert np.isfinite(U).all() and np.isfinite(S).all() and np.isfinite(V).all()
+    assert not S[3].any() and not U[3].any()     # zero module: no directions
+    assert S[2][r // 2 - 1] > 0 and not S[2][r // 2:].any()   # rank r/2
+    for i in (0, 1, 2, 4):
+        D = Bs[i].astype(np.float64) @ A[i].astype(np.float64)
+        assert np.linalg.norm((U[i] * S[i]) @ V[i].T - D) <= 1e-4 * np.linalg.norm(D)
+
+
+def test_gl_invariance_holds_on_cholesky_path(fallbacks):
+    ad = random_adapter("sd15", rank=32, seed=6, targets=r"down_blocks\.1\.attentions\.0")
+    c1, c2 = canonicalize(ad, device="cpu"), canonicalize(reparam(ad, seed=9), device="cpu")
+    assert sum(fallbacks) == 0
+    assert_same_canonical(c1, c2, rtol=2000 * EPS32)
+
+
+def test_worker_threads_give_identical_results():
+    ads = [random_adapter("sd15", rank=16, seed=s, targets=r"attn2\.to_[kv]") for s in range(3)]
+    serial, threaded = canonicalize_many(ads, device="cpu", workers=1), canonicalize_many(ads, device="cpu", workers=2)
+    for a, b in zip(serial, threaded):
+        for x, y in zip(a.modules, b.modules):
+            assert x.name == y.name
+            np.testing.assert_array_equal(x.U, y.U)
+            np.testing.assert_array_equal(x.sigma, y.sigma)
+            np.testing.assert_array_equal(x.V, y.V)
