@@ -320,8 +320,8 @@ class Lorasearch:
     def _record(self, adapter, path: Path, size: int, mtime: int) -> dict:
         from lorasearch.adapters import describe
 
-        info = describe(adapter)
-        info.pop("modules", None)   # the per-module table is recomputed by `info`; keep rows small
+        info = describe(adapter, modules=False)   # `info` rebuilds the per-module table on demand
+        info.pop("modules")
         return {
             "path": str(path), "sha256": adapter.sha256, "size": size, "mtime_ns": mtime,
             "format": adapter.format, "family": adapter.family,

@@ -102,11 +102,19 @@ _TOP_SGM = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.
 _TOP_DIFF = {v: k for k, v in _TOP_SGM.items()}
 
 
+def _swap_prefix(path: str, table: dict[str, str]) -> str | None:
+    """``path`` with its leading component(s) replaced through ``table``, or None if none matches."""
+    for old, new in table.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return None
+
+
 def sgm_from_diffusers(path: str) -> str:
     """``down_blocks.1.attentions.0.proj_in`` → ``input_blocks.4.1.proj_in`` (SDXL UNet, no ``unet.``)."""
-    for d, s in _TOP_SGM.items():
-        if path == d or path.startswith(d + "."):
-            return s + path[len(d):]
+    top = _swap_prefix(path, _TOP_SGM)
+    if top is not None:
+        return top
     m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$", path)
     if m:
         kind, b, sub, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
@@ -130,9 +138,9 @@ def sgm_from_diffusers(path: str) -> str:
 
 def diffusers_from_sgm(path: str) -> str:
     """Inverse of :func:`sgm_from_diffusers`; paths that are not SGM pass through unchanged."""
-    for s, d in _TOP_DIFF.items():
-        if path == s or path.startswith(s + "."):
-            return d + path[len(s):]
+    top = _swap_prefix(path, _TOP_DIFF)
+    if top is not None:
+        return top
     m = re.match(r"input_blocks\.(\d+)\.(\d+)\.(.+)$", path)
     if m:
         i, inner, rest = int(m.group(1)), int(m.group(2)), m.group(3)

@@ -434,8 +434,9 @@ def trigger_words(meta: dict[str, str], top: int = 10) -> list[str]:
     return words
 
 
-def describe(adapter: LoraAdapter) -> dict:
-    """JSON-serializable summary for ``lorasearch info``."""
+def describe(adapter: LoraAdapter, modules: bool = True) -> dict:
+    """JSON-serializable summary for ``lorasearch info``; ``modules=False`` leaves out the
+    per-module table (the index's catalog rows keep only the summary)."""
     ranks = Counter(m.rank for m in adapter.modules)
     alphas = Counter(m.alpha for m in adapter.modules)
     meta = adapter.metadata or {}
@@ -452,8 +453,9 @@ def describe(adapter: LoraAdapter) -> dict:
         "params": int(sum(m.A.size + m.B.size for m in adapter.modules)),
         "components": dict(comps),
         "dtypes": dict(Counter(m.dtype for m in adapter.modules)),
-        "modules": [{"name": m.name, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha,
-                     "scale": m.scale, "dtype": m.dtype} for m in adapter.modules],
+        "modules": None if not modules else [
+            {"name": m.name, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
+             "dtype": m.dtype} for m in adapter.modules],
         "metadata": summary,
         "peft_config": adapter.config,
         "trigger_words": list(adapter.trigger_words),
