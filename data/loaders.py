@@ -142,39 +142,99 @@ def write_lora_ws(adapters: list[LoraAdapter], labels: list[dict], path) -> Path
 
 
 # --------------------------------------------------------------------------------- (b)
-def read_labels(path) -> dict[str, str]:
-    """``{name: label}`` from a CSV (header ``name,label``) or a Parquet table (``name``/``label``
-    columns, or a manifest's ``path``/``label``)."""
+# The ONE reader of labels tables and adapter folders (also behind `lorasearch eval`): one rule
+# set, one set of error texts.
+class BadLabelsError(BadAdapterError):
+    """A labels table or manifest that cannot be used (exit 65, like any bad input file)."""
+
+
+def read_label_table(path) -> dict[str, tuple[str, str | None]]:
+    """``{name: (label, shots)}`` from a CSV (header with ``name`` and ``label``, optional ``shots``;
+    other columns ignored) or a Parquet table (``name`` — or a manifest's ``path``, by file name — and
+    ``label``, optional ``shots``). Names are unique: a name listed twice is refused."""
     path = Path(path)
-    if not path.exists():
-        raise MissingError(f"{path}: no such labels file")
+    if not path.is_file():
+        raise MissingError(f"{path}: labels file not found")
     if path.suffix == ".parquet":
         try:
             t = pq.read_table(path).to_pydict()
-        except (pa.ArrowInvalid, OSError) as e:
-            raise BadAdapterError(path, f"not a Parquet table ({e})") from None
+        except (pa.ArrowException, OSError) as e:
+            raise BadLabelsError(path, f"not a Parquet table ({' '.join(str(e).split())[:200]})") from None
         key = "name" if "name" in t else "path" if "path" in t else None
         if key is None or "label" not in t:
-            raise BadAdapterError(path, "labels table needs columns name (or path) and label")
-        return {Path(n).name: str(lbl) for n, lbl in zip(t[key], t["label"])}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError:
-        raise BadAdapterError(path, "labels CSV is not UTF-8 text") from None
-    if not rows or [c.strip() for c in rows[0][:2]] != ["name", "label"]:
-        raise BadAdapterError(path, "labels CSV must start with the header 'name,label'")
-    out = {}
-    for i, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        if len(row) < 2 or not row[0].strip():
-            raise BadAdapterError(path, f"line {i}: expected 'name,label'")
-        name = row[0].strip()
+            raise BadLabelsError(path, f"labels table needs columns name (or path) and label, found {sorted(t)}")
+        shots = t.get("shots") or [None] * len(t[key])
+        rows = [(Path(str(n)).name if key == "path" else n, lbl, sh) for n, lbl, sh in zip(t[key], t["label"], shots)]
+        header_line = 1
+    else:
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                header = [(h or "").strip() for h in (reader.fieldnames or [])]
+                reader.fieldnames = header
+                raw = list(reader)
+        except UnicodeDecodeError:
+            raise BadLabelsError(path, "not UTF-8 text") from None
+        except csv.Error as e:
+            raise BadLabelsError(path, f"not a CSV file ({e})") from None
+        if "name" not in header or "label" not in header:
+            raise BadLabelsError(path, f"header must contain `name,label`, found {','.join(header)!r}")
+        rows = [(r.get("name"), r.get("label"), r.get("shots")) for r in raw]
+        header_line = 1
+    if not rows:
+        raise BadLabelsError(path, "no rows after the header")
+    out: dict[str, tuple[str, str | None]] = {}
+    for i, (name, label, shots) in enumerate(rows, start=header_line + 1):
+        name = "" if name is None else str(name).strip()
+        label = "" if label is None else str(label).strip()
+        shots = None if shots is None or (isinstance(shots, float) and shots != shots) else (str(shots).strip() or None)
+        if not name or not label:
+            raise BadLabelsError(path, f"line {i}: empty name or label")
         if name in out:
-            raise BadAdapterError(path, f"line {i}: {name!r} is listed twice")
-        out[name] = row[1].strip()
+            raise BadLabelsError(path, f"line {i}: {name!r} labelled twice ({out[name][0]!r}, {label!r})")
+        out[name] = (label, shots)
     return out
+
+
+def read_labels(path) -> dict[str, str]:
+    """``{name: label}`` (see ``read_label_table``)."""
+    return {n: lbl for n, (lbl, _shots) in read_label_table(path).items()}
+
+
+def list_adapter_entries(folder) -> dict[str, Path]:
+    """``{name: path}`` of the adapters directly inside ``folder``, sorted: PEFT folders and files with
+    an adapter suffix (symlinks followed; hidden names skipped). A broken symlink is an error."""
+    from lorasearch.adapters import reader
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingError(f"{folder}: folder not found")
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise MissingError(f"{p}: broken symlink")
+        if (p.is_dir() and (p / "adapter_config.json").is_file()) or \
+                (not p.is_dir() and p.suffix.lower() in reader.ADAPTER_SUFFIXES):
+            out[p.name] = p
+    return out
+
+
+def _some(names: list[str]) -> str:
+    more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+    return f"{', '.join(names[:3])}{more}"
+
+
+def check_labels(found: list[str], table: dict, labels, where: str) -> None:
+    """The one rule for pairing adapters with a labels table: every adapter found has a label
+    (else exit 65), every labelled name is found in ``where`` (else exit 66)."""
+    unlabelled = [n for n in found if n not in table]
+    if unlabelled:
+        raise BadLabelsError(labels, f"no label for {len(unlabelled)} adapter(s): {_some(unlabelled)}")
+    missing = sorted(set(table) - set(found))
+    if missing:
+        raise MissingError(f"{labels}: {len(missing)} name(s) not found in {where}: {_some(missing)}")
 
 
 def load_labelled_folder(root, labels, strict: bool = True) -> list[tuple[LoraAdapter, str]]:
@@ -183,17 +243,9 @@ def load_labelled_folder(root, labels, strict: bool = True) -> list[tuple[LoraAd
     from lorasearch.adapters import reader
 
     root = Path(root)
-    if not root.is_dir():
-        raise MissingError(f"{root}: no such folder")
+    entries = list_adapter_entries(root)
     table = read_labels(labels) if not isinstance(labels, dict) else labels
     where = labels if not isinstance(labels, dict) else f"{root} (labels)"
-    entries = {p.name: p for p in sorted(root.iterdir()) if not p.name.startswith(".")
-               and ((p.is_dir() and (p / "adapter_config.json").is_file())
-                    or (p.is_file() and p.suffix.lower() in reader.ADAPTER_SUFFIXES))}
-    missing = sorted(set(table) - set(entries))
-    unlabelled = sorted(set(entries) - set(table))
-    if strict and missing:
-        raise BadAdapterError(where, f"{len(missing)} listed adapter(s) not found in {root}, e.g. {missing[0]!r}")
-    if strict and unlabelled:
-        raise BadAdapterError(where, f"{len(unlabelled)} adapter(s) in {root} have no label, e.g. {unlabelled[0]!r}")
+    if strict:
+        check_labels(list(entries), table, where, str(root))
     return [(reader.load_adapter(entries[n]), table[n]) for n in sorted(entries) if n in table]

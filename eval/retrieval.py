@@ -15,7 +15,6 @@ column, optional ``shots``).
 """
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import sys
@@ -27,19 +26,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lorasearch.errors import EXIT_BAD_INPUT, LorasearchError, MissingError, UsageError
+from lorasearch.data.loaders import BadLabelsError, check_labels, list_adapter_entries, read_label_table
+from lorasearch.errors import MissingError, UsageError
+from lorasearch.results import JSON_VERSION
 from lorasearch.eval.metrics import aggregate, aggregate_by, chance_metrics, evaluate_scores
 
 REFERENCE_METHODS = ("dense", "rawcos")
-ADAPTER_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"}
 LABEL_COLUMNS = ("label", "task", "superclass", "category_label")
 HEADLINE = ("ndcg@10", "hit@1", "map@10", "recall@10")
-
-
-class BadLabelsError(LorasearchError):
-    """A labels table or manifest that cannot be used (exit 65, like any bad input file)."""
-
-    exit_code = EXIT_BAD_INPUT
 
 
 @dataclass
@@ -70,76 +64,25 @@ class EvalSet:
 # ----------------------------------------------------------------------------- inputs
 
 def read_labels_csv(path: str | Path) -> dict[str, tuple[str, str | None]]:
-    """``name -> (label, shots)``; header ``name,label`` (+ optional ``shots``), names unique."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingError(f"{path}: labels file not found")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = [(h or "").strip() for h in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            rows = list(reader)
-    except UnicodeDecodeError:
-        raise BadLabelsError(f"{path}: not UTF-8 text") from None
-    except csv.Error as e:
-        raise BadLabelsError(f"{path}: not a CSV file ({e})") from None
-    if "name" not in header or "label" not in header:
-        raise BadLabelsError(f"{path}: header must contain `name,label`, found {','.join(header)!r}")
-    if not rows:
-        raise BadLabelsError(f"{path}: no rows after the header")
-    out: dict[str, tuple[str, str | None]] = {}
-    for i, row in enumerate(rows, start=2):
-        name = (row.get("name") or "").strip()
-        label = (row.get("label") or "").strip()
-        shots = (row.get("shots") or "").strip() or None
-        if not name or not label:
-            raise BadLabelsError(f"{path}: line {i}: empty name or label")
-        if name in out and out[name][0] != label:
-            raise BadLabelsError(f"{path}: line {i}: {name!r} labelled twice ({out[name][0]!r}, {label!r})")
-        out[name] = (label, shots)
-    return out
+    """``name -> (label, shots)``: the one labels reader, ``data.loaders.read_label_table``."""
+    return read_label_table(path)
 
 
 def list_adapters(folder: Path) -> list[Path]:
-    """Direct children that are adapters: folders and weight files (symlinks followed), sorted."""
-    if not folder.is_dir():
-        raise MissingError(f"{folder}: folder not found")
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if p.is_dir() or p.suffix.lower() in ADAPTER_SUFFIXES:
-            out.append(p)
-        elif p.is_symlink() and not p.exists():
-            raise MissingError(f"{p}: broken symlink")
-    return out
+    """Direct children that are adapters (``data.loaders.list_adapter_entries``), sorted."""
+    return list(list_adapter_entries(folder).values())
 
 
 def from_folders(gallery: str | Path, queries: str | Path, labels: str | Path) -> EvalSet:
     """Pair every adapter in the two folders with its label; refuse any mismatch."""
     gallery, queries, labels = Path(gallery), Path(queries), Path(labels)
-    table = read_labels_csv(labels)
+    table = read_label_table(labels)
     found: dict[str, list[EvalItem]] = {"gallery": [], "query": []}
-    seen: set[str] = set()
-    unlabelled = []
     for role, folder in (("gallery", gallery), ("query", queries)):
-        for p in list_adapters(folder):
-            seen.add(p.name)
-            if p.name not in table:
-                unlabelled.append(str(p))
-                continue
-            label, shots = table[p.name]
-            found[role].append(EvalItem(p.name, p, role, label, shots))
-    if unlabelled:
-        more = f" (+{len(unlabelled) - 3} more)" if len(unlabelled) > 3 else ""
-        raise BadLabelsError(f"{labels}: no label for {len(unlabelled)} adapter(s): "
-                             f"{', '.join(unlabelled[:3])}{more}")
-    missing = sorted(set(table) - seen)
-    if missing:
-        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise MissingError(f"{labels}: {len(missing)} name(s) not found in {gallery} or {queries}: "
-                           f"{', '.join(missing[:3])}{more}")
+        for name, p in list_adapter_entries(folder).items():
+            label, shots = table.get(name, ("", None))
+            found[role].append(EvalItem(name, p, role, label, shots))
+    check_labels([it.name for it in found["gallery"] + found["query"]], table, labels, f"{gallery} or {queries}")
     for role, folder in (("gallery", gallery), ("query", queries)):
         if not found[role]:
             raise MissingError(f"{folder}: no adapters in the {role} folder")
@@ -158,13 +101,13 @@ def from_collection(folder: str | Path, label_column: str | None = None) -> Eval
     try:
         table = pq.read_table(manifest).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
-        raise BadLabelsError(f"{manifest}: unreadable Parquet ({type(e).__name__}: {e})") from None
+        raise BadLabelsError(manifest, f"unreadable Parquet ({type(e).__name__}: {e})") from None
     cols = set(table[0]) if table else set()
     col = label_column or next((c for c in LABEL_COLUMNS if c in cols), None)
     for need in ("path", "role", col):
         if need is None or need not in cols:
-            raise BadLabelsError(f"{manifest}: needs columns path, role and a label column "
-                                 f"({label_column or '/'.join(LABEL_COLUMNS)}); has {sorted(cols)}")
+            raise BadLabelsError(manifest, f"needs columns path, role and a label column "
+                                           f"({label_column or '/'.join(LABEL_COLUMNS)}); has {sorted(cols)}")
     found: dict[str, list[EvalItem]] = {"gallery": [], "query": []}
     for i, row in enumerate(table):
         role = str(row["role"] or "").lower()
@@ -172,7 +115,7 @@ def from_collection(folder: str | Path, label_column: str | None = None) -> Eval
         if role not in found:
             continue
         if not row["path"] or row[col] is None:
-            raise BadLabelsError(f"{manifest}: row {i}: empty path or {col}")
+            raise BadLabelsError(manifest, f"row {i}: empty path or {col}")
         p = Path(row["path"])
         p = p if p.is_absolute() else folder / p
         if not p.exists():
@@ -182,7 +125,7 @@ def from_collection(folder: str | Path, label_column: str | None = None) -> Eval
         found[role].append(EvalItem(str(row["path"]), p, role, str(row[col]), shots))
     for role in found:
         if not found[role]:
-            raise BadLabelsError(f"{manifest}: no rows with role {role!r}")
+            raise BadLabelsError(manifest, f"no rows with role {role!r}")
     return EvalSet(found["gallery"], found["query"], {"collection": str(folder), "label_column": col})
 
 
@@ -258,7 +201,8 @@ def score_methods(es: EvalSet, methods: Sequence[str]) -> list[MethodScores]:
     """Score every query against every same-family gallery adapter with each method."""
     families = sorted({it.family for it in es.items})
     out = []
-    for method in methods:
+    # re-ranked methods last, so they reuse the bare encoder's and dense's scores; reported in order asked
+    for method in sorted(methods, key=lambda m: "+rerank@" in m):
         if "+rerank@" in method:   # what `lorasearch query` returns: encoder top-N re-scored exactly
             out.append(_reranked(es, method, out))
             continue
@@ -288,7 +232,7 @@ def score_methods(es: EvalSet, methods: Sequence[str]) -> list[MethodScores]:
         out.append(MethodScores(method, "reference" if ref else "encoder",
                                 enc.spec if enc is not None else method, S,
                                 time.perf_counter() - t0, embeddings))
-    return out
+    return sorted(out, key=lambda ms: list(methods).index(ms.name))
 
 
 def _reranked(es: EvalSet, method: str, done: list[MethodScores]) -> MethodScores:
@@ -333,7 +277,7 @@ def evaluate(es: EvalSet, methods: Sequence[str] = ("sketch", "rawcos", "dense")
     valid = qfam[:, None] == gfam[None, :]
     shots = [it.shots if it.shots is not None else "-" for it in es.queries]
     result = {
-        "version": 1, "kind": "retrieval", "k": k,
+        "version": JSON_VERSION, "kind": "retrieval", "k": k,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "source": es.source,
@@ -357,6 +301,22 @@ def evaluate(es: EvalSet, methods: Sequence[str] = ("sketch", "rawcos", "dense")
         result["methods"][ms.name] = entry
     result["_scored"] = scored  # not JSON: embeddings for the report; dropped by `public()`
     return result
+
+
+def default_methods(encoders: Sequence[str], k: int = 10, rerank: int | None = None,
+                    references: bool = True) -> list[str]:
+    """What `lorasearch eval retrieval` measures by default: each encoder as `lorasearch query` uses
+    it (``SPEC+rerank@N``, N = query's default depth for this k unless given; 0 = none), the bare
+    encoder beside it, then the references."""
+    from lorasearch.query import default_rerank_depth
+
+    depth = default_rerank_depth(k) if rerank is None else rerank
+    methods = []
+    for spec in encoders:
+        if depth > 0 and "+rerank@" not in spec:
+            methods.append(f"{spec}+rerank@{depth}")
+        methods.append(spec)
+    return methods + (list(REFERENCE_METHODS) if references else [])
 
 
 def machine() -> str:

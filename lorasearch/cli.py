@@ -10,19 +10,18 @@ Exit codes: 0 ok (also "no results"), 1 unexpected internal error, 2 usage, 65 b
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from lorasearch.cli_common import EXIT_INTERRUPTED, ErrorGroup, fail, interrupted
+from lorasearch.cli_common import DEVICE, EXIT_INTERRUPTED, ErrorGroup, fail, global_options, interrupted
 
 from lorasearch import __version__
 from lorasearch.errors import EXIT_BAD_INPUT, EXIT_MISSING, EXIT_USAGE, UsageError
+from lorasearch.results import to_json
 
-DEVICE = click.Choice(["auto", "cpu", "cuda"])
 EXIT_INTERNAL = 1
 
 
@@ -53,11 +52,9 @@ class _Group(ErrorGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _emit(obj: dict, as_json: bool, text: str) -> None:
-    if as_json:
-        click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
-    else:
-        click.echo(text)
+def _emit(result, as_json: bool, text: str) -> None:
+    """A typed result (lorasearch.results) as its one JSON object, or as text."""
+    click.echo(to_json(result) if as_json else text)
 
 
 def _open(ctx, create=False, readonly=False, encoder=None, faiss_factory=None, nprobe=None, ef_search=None):
@@ -114,6 +111,7 @@ def _report_errors(report) -> None:
 @click.option("--prune", is_flag=True, help="Also remove indexed adapters under DIR that no longer exist.")
 @_factory_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@global_options
 @click.pass_context
 def index(ctx, directory, encoder, prune, faiss_factory, as_json):
     """Index every adapter under DIRECTORY (recursive, incremental).
@@ -127,7 +125,7 @@ def index(ctx, directory, encoder, prune, faiss_factory, as_json):
     if not (report.added or report.updated or report.unchanged or report.errors):
         click.echo(f"lorasearch: note: no adapters found under {directory} "
                    "(looked for .safetensors files and PEFT folders)", err=True)
-    _emit(report.as_dict(), as_json, f"{report.summary()} -> {ls.path}")
+    _emit(report, as_json, f"{report.summary()} -> {ls.path}")
     if report.errors and not (report.added or report.updated or report.unchanged):
         sys.exit(EXIT_BAD_INPUT)   # every adapter found was refused: nothing usable here
 
@@ -137,6 +135,7 @@ def index(ctx, directory, encoder, prune, faiss_factory, as_json):
 @click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
 @_factory_option
 @click.option("--json", "as_json", is_flag=True)
+@global_options
 @click.pass_context
 def add(ctx, files, encoder, faiss_factory, as_json):
     """Add (or refresh) adapter files or PEFT folders; a plain folder adds every adapter under it.
@@ -145,7 +144,7 @@ def add(ctx, files, encoder, faiss_factory, as_json):
     ls = _open(ctx, create=True, encoder=encoder, faiss_factory=faiss_factory)
     report = ls.add(files)
     _report_errors(report)
-    _emit(report.as_dict(), as_json, report.summary())
+    _emit(report, as_json, report.summary())
     if report.errors:
         missing = all(m.endswith(("no such file or directory", "no adapters in this folder")) for _p, m in report.errors)
         sys.exit(EXIT_MISSING if missing else EXIT_BAD_INPUT)
@@ -154,16 +153,16 @@ def add(ctx, files, encoder, faiss_factory, as_json):
 @cli.command()
 @click.argument("items", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True)
+@global_options
 @click.pass_context
 def remove(ctx, items, as_json):
     """Remove adapters by id, by path (the file may be gone already) or by folder (all under it)."""
     ls = _open(ctx)
-    removed, missing = ls.remove(items)
-    for m in missing:
+    res = ls.remove(items)
+    for m in res.not_found:
         click.echo(f"lorasearch: not in index: {m}", err=True)
-    _emit({"version": 1, "removed": removed, "not_found": missing}, as_json,
-          f"{len(removed)} removed, {len(missing)} not found")
-    if missing:
+    _emit(res, as_json, res.summary())
+    if res.not_found:
         sys.exit(EXIT_MISSING)
 
 
@@ -180,22 +179,18 @@ def remove(ctx, items, as_json):
 @click.option("--ef-search", type=click.IntRange(min=1), default=None,
               help="HNSW search breadth (approximate indexes only).")
 @click.option("--json", "as_json", is_flag=True)
+@global_options
 @click.pass_context
 def query(ctx, file, k, threshold, encoder, rerank, nprobe, ef_search, as_json):
     """The K indexed adapters most similar to FILE."""
     ls = _open(ctx, readonly=True, encoder=encoder, nprobe=nprobe, ef_search=ef_search)
     res = ls.query(file, k=k, threshold=threshold, rerank=rerank)
-    q = res["query"]
-    if not res["results"] and not q.get("indexed_in_family"):
+    q = res.query
+    if not res.hits and not q.indexed_in_family:
         held = ", ".join(f"{f} ({n})" for f, n in ls.index.families().items()) or "nothing"
-        click.echo(f"lorasearch: note: no indexed adapters of family {q['family']} to compare with "
+        click.echo(f"lorasearch: note: no indexed adapters of family {q.family} to compare with "
                    f"(the index holds {held})", err=True)
-    lines = [f"query {res['query']['path']}  family={res['query']['family']}  encoder={res['query']['encoder']}"]
-    if not res["results"]:
-        lines.append("no results")
-    for r in res["results"]:
-        lines.append(f"{r['rank']:>3}  {r['score']:.4f}  {r['match']:<11}  #{r['id']:<6} {r['path']}")
-    _emit(res, as_json, "\n".join(lines))
+    _emit(res, as_json, format_query(res))
 
 
 @cli.command()
@@ -204,6 +199,7 @@ def query(ctx, file, k, threshold, encoder, rerank, nprobe, ef_search, as_json):
 @click.option("--encoder", default=None)
 @click.option("--no-prune", is_flag=True, help="Keep indexed adapters whose files disappear.")
 @_factory_option
+@global_options
 @click.pass_context
 def watch(ctx, directory, interval, encoder, no_prune, faiss_factory):
     """Index adapters under DIRECTORY as they appear, change or disappear (Ctrl-C stops, exit 130).
@@ -235,17 +231,34 @@ def watch(ctx, directory, interval, encoder, no_prune, faiss_factory):
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
+@global_options
 @click.option("--json", "as_json", is_flag=True)
 def info(file, as_json):
     """Format, family, modules, ranks, alpha, metadata and trigger words of an adapter."""
-    from lorasearch.adapters import describe, load_adapter
-    from lorasearch.errors import MissingError
+    from lorasearch.api import info as describe_file
 
-    if not file.exists():
-        raise MissingError(f"{file}: no such file or directory")
-    d = describe(load_adapter(file))
-    d = {"version": 1, **d}
-    _emit(d, as_json, _format_info(d))
+    res = describe_file(file)
+    _emit(res, as_json, _format_info(res.as_dict()))
+
+
+def format_query(res) -> str:
+    """The query table: what was asked, a header, one line per hit, and what the score means."""
+    q = res.query
+    lines = [f"query {q.path}  family={q.family}  encoder={q.encoder}"]
+    if not res.hits:
+        return "\n".join(lines + ["no results"])
+    lines.append(f"{'rank':>4}  {'score':>7}  {'match':<11}  {'id':<7} path")
+    for h in res.hits:
+        flag = "" if h.reranked else " (e)"
+        note = "" if h.scale_known else "  [scale unknown]"
+        lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {h.match:<11}  #{h.id:<6} {h.path}{flag}{note}")
+    meaning = ("score: exact cosine of the weight updates ΔW (1 = same direction)" if all(h.reranked for h in res.hits)
+               else "score: exact ΔW cosine; (e) = embedding cosine, not re-ranked" if any(h.reranked for h in res.hits)
+               else "score: embedding cosine (not re-ranked; --rerank N re-scores by exact ΔW cosine)")
+    lines.append(meaning)
+    if any(not h.scale_known for h in res.hits):
+        lines.append("[scale unknown]: alpha is unknown on one side, so same-update compares direction only")
+    return "\n".join(lines)
 
 
 def _format_info(d: dict) -> str:
@@ -267,19 +280,22 @@ def _format_info(d: dict) -> str:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
+@global_options
 @click.pass_context
 def stats(ctx, as_json):
     """Adapters per family, encoder, size of the index."""
-    s = _open(ctx, readonly=True).stats()
-    _emit(s, as_json, "\n".join(f"{k}: {v}" for k, v in s.items() if k != "version"))
+    res = _open(ctx, readonly=True).stats()
+    _emit(res, as_json, "\n".join(f"{k}: {v}" for k, v in res.as_dict().items() if k != "version"))
 
 
 def _attach_optional_groups() -> None:
-    """`data`, `train` and `eval` live in their own modules (they pull in heavier dependencies)."""
+    """`data`, `train` and `eval` live in their own modules (they pull in heavier dependencies);
+    `eval`'s lives in the eval package (``lorasearch.eval.cli``), attached here by name only, so
+    nothing in the package proper imports ``lorasearch.eval``."""
     import importlib
 
     for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.cli_train", "train"),
-                      ("lorasearch.cli_eval", "eval_group")):
+                      ("lorasearch.eval.cli", "eval_group")):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -4,12 +4,14 @@ Shared by the main group and the `data` / `eval` groups (which tests also run on
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from lorasearch.errors import LorasearchError
 
 EXIT_INTERRUPTED = 130
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
 
 
 def fail(message: str, code: int):
@@ -34,3 +36,36 @@ class ErrorGroup(click.Group):
             fail(f"error: {e}", e.exit_code)
         except KeyboardInterrupt as e:
             interrupted(e)
+
+
+def _set_global(ctx, param, value):
+    """`--index`, `--device`, `--lock-timeout` given after the subcommand override the group's."""
+    if value is not None:
+        root = ctx.find_root()
+        root.ensure_object(dict)
+        root.obj[param.name] = value
+    return value
+
+
+_GLOBALS = {
+    "index": lambda: click.option("--index", "index", type=click.Path(path_type=Path), default=None,
+                                  expose_value=False, callback=_set_global,
+                                  help="Index folder (same as before the command)."),
+    "device": lambda: click.option("--device", "device", type=DEVICE, default=None, expose_value=False,
+                                   callback=_set_global, help="auto|cpu|cuda (same as before the command)."),
+    "lock_timeout": lambda: click.option("--lock-timeout", "lock_timeout", type=click.FloatRange(min=0),
+                                         default=None, expose_value=False, callback=_set_global,
+                                         help="Seconds to wait for another writer (same as before the command)."),
+}
+
+
+def global_options(f, names=("index", "device", "lock_timeout")):
+    """The group's options, accepted after the subcommand too (`lorasearch index DIR --index X`)."""
+    for name in reversed(names):
+        f = _GLOBALS[name]()(f)
+    return f
+
+
+def device_option(f):
+    """``--device`` after an `eval` subcommand (the main group's option, in the other place)."""
+    return global_options(f, ("device",))

@@ -17,6 +17,7 @@ import click
 
 from lorasearch.cli_common import ErrorGroup
 
+from lorasearch.results import envelope
 from lorasearch.errors import UnavailableError, UsageError
 
 SUITES = ("language", "diffusion")
@@ -84,7 +85,7 @@ def data() -> None:
 def make_cmd(suite, out, device, n, seed, tiny, tasks):
     """Fine-tune the SUITE collection (language or diffusion) into --out."""
     summary = make(suite, out, n=n, seed=seed, device=device, tiny=tiny, tasks=list(tasks) or None)
-    click.echo(json.dumps({"version": 1, "suite": suite, "out": str(out), **(summary or {})}, default=str))
+    click.echo(json.dumps(envelope({"suite": suite, "out": str(out), **(summary or {})}), default=str))
 
 
 @data.command("demo")

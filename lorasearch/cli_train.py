@@ -6,6 +6,7 @@ import json
 import click
 
 from lorasearch.cli_common import fail
+from lorasearch.results import envelope
 from lorasearch.errors import LorasearchError
 
 FITTED = ("flatvec_pca", "flatvec", "stats_layer", "stats_layer_dense")
@@ -53,7 +54,7 @@ def train(encoder, collection, out, objective, epochs, batch_size, lr, weight_de
             summary = train_collection(collection, out, cfg, label_column, roles, holdout, target)
     except LorasearchError as e:      # also when the command runs on its own, outside the main group
         fail(f"error: {e}", e.exit_code)
-    summary = {"version": 1, "checkpoint": str(out), "encoder": encoder, **summary}
+    summary = envelope({"checkpoint": str(out), "encoder": encoder, **summary})
     if as_json:
         click.echo(json.dumps(summary))
     else:

@@ -188,3 +188,42 @@ def pairwise_rawcos(queries: Sequence[AnyAdapter], gallery: Sequence[AnyAdapter]
         dots[np.ix_(qi, gi)] += Xq @ Xg.T
     denom = np.outer(nq, ng)
     return np.clip(np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0), -1.0, 1.0)
+
+
+# ---- query re-ranking (moved here from api.py; numpy only) -------------------------------------
+def exact_cosines(query, others: list, norms: list) -> tuple[float, np.ndarray, np.ndarray]:
+    """Exact Frobenius cosines of ΔW between one canonical query and many raw adapters.
+
+    Returns (‖ΔW_query‖, cosines, ‖ΔW_other‖). ``norms`` may hold the others' norms from the
+    catalog (``None`` where unknown). Why not ``delta_cosine`` per candidate: for an SD adapter
+    (264 modules) that is 3 small float64 matmul pairs per module and candidate and took minutes
+    for 20 candidates on a busy machine; here each module is one float32 GEMM per side against
+    all candidates at once, ⟨ΔW_q, ΔW_c⟩ = Σ (L_qᵀ L_c) ⊙ (R_qᵀ R_c).
+    """
+    q = {}
+    qsq = 0.0
+    for m in query.modules:
+        s = np.asarray(m.sigma, np.float32)
+        qsq += float(np.sum(s.astype(np.float64) ** 2))
+        if np.any(s):   # keyed by shape too: a same-named weight of another shape is another weight
+            q[(m.name, m.U.shape[0], m.V.shape[0])] = ((np.asarray(m.U, np.float32) * s).T,
+                                                       np.asarray(m.V, np.float32))  # [k,out], [in,k]
+    by_module: dict[tuple, list] = {}
+    for j, ad in enumerate(others):
+        for m in ad.modules:
+            key = (m.name, m.B.shape[0], m.A.shape[1])
+            if key in q:
+                by_module.setdefault(key, []).append((j, m))
+    dots = np.zeros(len(others), np.float64)
+    for key, items in by_module.items():
+        LqT, Rq = q[key]
+        L = np.concatenate([np.asarray(m.B, np.float32) * np.float32(m.scale) for _j, m in items], axis=1)
+        A = np.concatenate([np.asarray(m.A, np.float32) for _j, m in items], axis=0)
+        col = np.sum((LqT @ L) * (A @ Rq).T, axis=0, dtype=np.float64)          # [Σ ranks]
+        starts = np.cumsum([0] + [m.A.shape[0] for _j, m in items[:-1]])
+        np.add.at(dots, [j for j, _m in items], np.add.reduceat(col, starts))
+    onorms = np.array([n if n is not None else delta_norm(o) for o, n in zip(others, norms)], np.float64)
+    qnorm = float(np.sqrt(qsq))
+    denom = qnorm * onorms
+    cos = np.clip(np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0), -1.0, 1.0)
+    return qnorm, cos, onorms

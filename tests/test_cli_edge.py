@@ -162,11 +162,11 @@ def test_index_location_errors_and_env_var(tmp_path, odd):
 
 
 def test_interrupted_index_keeps_what_was_acknowledged(tmp_path, odd, monkeypatch):
-    import lorasearch.api as api
+    import lorasearch.ingest as ingest
 
     for i in range(5):
         minilm(odd / f"extra{i}.safetensors", 10 + i)
-    monkeypatch.setattr(api, "EMBED_BATCH", 2)
+    monkeypatch.setattr(ingest, "EMBED_BATCH", 2)
     real, calls = adapters_pkg.load_adapter, []
 
     def flaky(path, **kw):
@@ -188,14 +188,16 @@ def test_interrupted_index_keeps_what_was_acknowledged(tmp_path, odd, monkeypatc
 
 
 def test_one_adapter_the_encoder_rejects_costs_only_itself(tmp_path, odd, monkeypatch):
-    real = Lorasearch._embed
+    import lorasearch.ingest as ingest
 
-    def picky(self, ads):
+    real = ingest.embed
+
+    def picky(encoder, ads, device="auto"):
         if any("ünï" in a.path for a in ads):
             raise BadAdapterError(next(a.path for a in ads if "ünï" in a.path), "encoder refuses it")
-        return real(self, ads)
+        return real(encoder, ads, device)
 
-    monkeypatch.setattr(Lorasearch, "_embed", picky)
+    monkeypatch.setattr(ingest, "embed", picky)
     res = run("--index", tmp_path / "idx", "index", odd, "--json")
     rep = json.loads(res.stdout)
     assert res.exit_code == 0 and len(rep["added"]) == 2
@@ -231,7 +233,7 @@ def test_query_reuses_catalog_hashes_and_sync_one_catalog_query(tmp_path, odd, m
 
 
 def test_batched_rerank_cosines_equal_the_float64_reference():
-    from lorasearch.api import exact_cosines
+    from lorasearch.similarity import exact_cosines
     from lorasearch.canonical import canonicalize
     from lorasearch.similarity import delta_cosine, delta_norm
 

@@ -16,7 +16,7 @@ def small(tmp_path_factory):
 
 
 def _cli(*args):
-    from lorasearch.cli_eval import eval_group
+    from lorasearch.eval.cli import eval_group
 
     return CliRunner().invoke(eval_group, list(map(str, args)))
 

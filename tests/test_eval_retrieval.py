@@ -78,7 +78,7 @@ def evalset(tmp_path_factory):
 
 
 def _cli(*args):
-    from lorasearch.cli_eval import eval_group
+    from lorasearch.eval.cli import eval_group
 
     return CliRunner().invoke(eval_group, list(map(str, args)))
 
@@ -113,8 +113,12 @@ def test_cli_end_to_end_json(evalset):
     obj = json.loads(r.stdout)
     assert obj["version"] == 1 and obj["kind"] == "retrieval"
     assert obj["n_gallery"] == 20 and obj["n_queries"] == 8
-    assert list(obj["methods"]) == ["sketch", "dense", "rawcos"]
+    # by default: what `lorasearch query` returns (re-ranked at query's depth), the bare encoder beside it
+    assert list(obj["methods"]) == ["sketch+rerank@50", "sketch", "dense", "rawcos"]
     m = obj["methods"]
+    # 20 gallery adapters < depth 50: every candidate is re-scored exactly, so it ranks as dense does
+    assert m["sketch+rerank@50"]["overall"]["ndcg@10"] == pytest.approx(m["dense"]["overall"]["ndcg@10"])
+    assert m["sketch+rerank@50"]["overall"]["ndcg@10"] >= m["sketch"]["overall"]["ndcg@10"]
     for key in ("ndcg@10", "hit@1", "map@10", "recall@10"):
         assert 0.0 <= m["sketch"]["overall"][key] <= 1.0
     assert m["dense"]["overall"]["ndcg@10"] >= 0.95
@@ -124,6 +128,16 @@ def test_cli_end_to_end_json(evalset):
     # 5 relevant among 20: a random ranking expects NDCG@10 ≈ 0.385, Hit@1 = 0.25
     assert obj["chance"]["overall"]["hit@1"] == pytest.approx(0.25)
     assert m["sketch"]["overall"]["ndcg@10"] > obj["chance"]["overall"]["ndcg@10"] + 0.4
+
+
+def test_cli_rerank_depth_option(evalset):
+    base = ("retrieval", "--gallery", evalset / "gallery", "--queries", evalset / "queries",
+            "--labels", evalset / "labels.csv", "--no-references", "--json")
+    assert list(json.loads(_cli(*base, "--rerank", "0").stdout)["methods"]) == ["sketch"]
+    assert list(json.loads(_cli(*base, "--rerank", "3").stdout)["methods"]) == ["sketch+rerank@3", "sketch"]
+    assert list(json.loads(_cli(*base, "-k", "20").stdout)["methods"]) == ["sketch+rerank@100", "sketch"]
+    # --device after the subcommand is the group's --device
+    assert _cli(*base, "--rerank", "0", "--device", "cpu").exit_code == 0
 
 
 def test_cli_table_and_held_out_labels(evalset):

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import click
 
-from lorasearch.cli_common import ErrorGroup
+from lorasearch.cli_common import ErrorGroup, device_option
 
 from lorasearch.errors import UsageError
+from lorasearch.results import envelope
 
 PATH = click.Path(path_type=Path)
 
@@ -43,6 +44,7 @@ def _inputs(f):
         click.option("--labels-subset", multiple=True, help="Evaluate only these labels (comma-separated or repeated): held-out tasks."),
         click.option("--exclude-labels", multiple=True, help="Leave these labels out (e.g. the ones an encoder was trained on)."),
         click.option("--keep-gallery", is_flag=True, help="Apply the label selection to queries only; keep every gallery adapter as a distractor."),
+        device_option,
     ]
     return functools.reduce(lambda g, o: o(g), reversed(opts), f)
 
@@ -86,17 +88,23 @@ def eval_group():
 @_inputs
 @click.option("--no-references", is_flag=True, help="Skip the rawcos and dense reference methods.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Cut-off of NDCG/mAP/Recall.")
+@click.option("--rerank", type=click.IntRange(min=0), default=None,
+              help="Re-ranking depth measured as `ENCODER+rerank@N` (what `lorasearch query` returns), beside "
+                   "the bare encoder. Default: query's own depth for this k, max(5k, 50); 0 = bare encoder only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--out", type=PATH, help="Also write the JSON object to this file.")
 @click.pass_context
 def retrieval_cmd(ctx, gallery, queries, labels, collection, label_column, encoders, labels_subset,
-                  exclude_labels, keep_gallery, no_references, k, as_json, out):
-    """Query/gallery retrieval: NDCG@10, Hit@1, mAP@10, Recall@10 per method, label and shots."""
+                  exclude_labels, keep_gallery, no_references, rerank, k, as_json, out):
+    """Query/gallery retrieval: NDCG@10, Hit@1, mAP@10, Recall@10 per method, label and shots.
+
+    By default each encoder is measured as `lorasearch query` uses it (its top candidates re-scored
+    by the exact ΔW cosine: `ENCODER+rerank@N`) and bare beside it."""
     from lorasearch.eval import retrieval as R
 
     es = _load_set(ctx, gallery, queries, labels, collection, label_column, labels_subset,
                    exclude_labels, keep_gallery)
-    methods = list(encoders) + ([] if no_references else list(R.REFERENCE_METHODS))
+    methods = R.default_methods(encoders, k, rerank, references=not no_references)
     result = R.public(R.evaluate(es, methods, k))
     _write_json(result, out)
     click.echo(json.dumps(result, default=str) if as_json else R.format_table(result))
@@ -146,7 +154,7 @@ def invariance_cmd(ctx, gallery, queries, labels, collection, label_column, enco
     methods = list(encoders) + ["rawcos", "dense"]
     results = {fam: I.drift_curves(ads, methods, ts, mode, seed=seed, device=_device(ctx))
                for fam, ads in adapters_by_family(es, max_adapters).items() if len(ads) >= 2}
-    obj = {"version": 1, "kind": "invariance", "families": results}
+    obj = envelope({"kind": "invariance", "families": results})
     _write_json(obj, out)
     if as_json:
         click.echo(json.dumps(obj, default=str))
@@ -214,7 +222,7 @@ def _bench_command(name: str, module: str, doc: str):
         if "device" in params and "device" not in kw:
             kw["device"] = _device(ctx)
         rows = mod.run(**kw)
-        obj = {"version": 1, "kind": name, "settings": kw, "rows": rows}
+        obj = envelope({"kind": name, "settings": kw, "rows": rows})
         _write_json(obj, out)
         click.echo(json.dumps(obj, default=str) if as_json else mod.format_markdown(rows))
 

@@ -1,0 +1,143 @@
+"""Typed results of every command, serialized ONE way for the CLI, the Python API and HTTP.
+
+Each result is a dataclass; ``as_dict()`` gives the versioned JSON object ``--json`` prints
+(``envelope`` adds the one ``version`` field). Result objects also answer ``result["key"]``
+with the JSON view, so code written against the old dict results keeps working.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+JSON_VERSION = 1
+
+MATCH_ORDER = {"exact": 0, "same-update": 1, "similar": 2}
+
+
+def envelope(payload: dict) -> dict:
+    """The one JSON envelope: ``{"version": JSON_VERSION, **payload}``."""
+    return {"version": JSON_VERSION, **payload}
+
+
+def to_json(result) -> str:
+    """One line of JSON for a result object (or an already enveloped dict)."""
+    obj = result.as_dict() if hasattr(result, "as_dict") else result
+    return json.dumps(obj, default=str)
+
+
+class _Result:
+    def payload(self) -> dict:  # pragma: no cover - every result defines it
+        raise NotImplementedError
+
+    def as_dict(self) -> dict:
+        return envelope(self.payload())
+
+    # the old dict results' read access, for code written against them
+    def __getitem__(self, key: str) -> Any:
+        return self.as_dict()[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.as_dict()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.as_dict().get(key, default)
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    path: str
+    score: float
+    match: str                    # exact | same-update | similar
+    embedding_score: float
+    reranked: bool
+    family: str
+    format: str
+    sha256: str
+    scale_known: bool = True      # False: one side's alpha is unknown, so the norm was not compared
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QueryInfo:
+    path: str
+    sha256: str
+    format: str
+    family: str
+    n_modules: int
+    encoder: str
+    k: int
+    threshold: float | None
+    indexed_in_family: int
+    scale_known: bool = True
+
+
+@dataclass
+class QueryResult(_Result):
+    query: QueryInfo
+    hits: list[Hit] = field(default_factory=list)
+
+    def payload(self) -> dict:
+        return {"query": asdict(self.query), "results": [h.as_dict() for h in self.hits]}
+
+    @property
+    def score_meaning(self) -> str:
+        kinds = {h.reranked for h in self.hits}
+        if kinds == {True}:
+            return "score = exact cosine of the weight updates ΔW"
+        if kinds == {False}:
+            return "score = embedding cosine (not re-ranked)"
+        return "score = exact ΔW cosine where re-ranked (r), else embedding cosine"
+
+
+@dataclass
+class SyncReport(_Result):
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)   # (path, one-line message)
+
+    def payload(self) -> dict:
+        return {"added": self.added, "updated": self.updated, "unchanged": len(self.unchanged),
+                "removed": self.removed, "errors": [{"path": p, "error": e} for p, e in self.errors]}
+
+    def summary(self) -> str:
+        return (f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
+                f"{len(self.removed)} removed, {len(self.errors)} failed")
+
+
+@dataclass
+class RemoveResult(_Result):
+    removed: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+
+    def payload(self) -> dict:
+        return {"removed": self.removed, "not_found": self.not_found}
+
+    def __iter__(self):            # `removed, missing = ls.remove(...)` as before
+        return iter((self.removed, self.not_found))
+
+    def summary(self) -> str:
+        return f"{len(self.removed)} removed, {len(self.not_found)} not found"
+
+
+@dataclass
+class StatsResult(_Result):
+    index: str
+    stats: dict = field(default_factory=dict)
+
+    def payload(self) -> dict:
+        return {"index": self.index, **self.stats}
+
+
+@dataclass
+class InfoResult(_Result):
+    description: dict = field(default_factory=dict)   # adapters.describe(...)
+
+    def payload(self) -> dict:
+        return dict(self.description)
