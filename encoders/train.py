@@ -135,13 +135,10 @@ def embed(model: nn.Module, adapters: list[CanonicalAdapter], device, batch_size
                       for i in range(0, len(adapters), batch_size)])
 
 
-def retrieval_scores(q: torch.Tensor, g: torch.Tensor, q_lab: np.ndarray, g_lab: np.ndarray) -> dict[str, float]:
-    """NDCG@10 / Hit@1 of queries against a gallery by cosine (eval.metrics' definitions)."""
-    from lorasearch.eval.metrics import aggregate, evaluate_scores
-
-    s = (F.normalize(q, dim=1) @ F.normalize(g, dim=1).T).numpy()
-    agg = aggregate(evaluate_scores(s, q_lab[:, None] == g_lab[None, :]))
-    return {"ndcg@10": agg.get("ndcg@10", float("nan")), "hit@1": agg.get("hit@1", float("nan"))}
+# An evaluator scores held-out embeddings during training: ``evaluator(q_emb, g_emb, q_labels,
+# g_labels) -> {"ndcg@10": …, "hit@1": …}`` (float32 numpy arrays, label arrays). It is passed in
+# (``lorasearch.eval.retrieval.training_evaluator`` for the CLI) so training never imports eval.
+Evaluator = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], dict]
 
 
 def distill_loss(z: torch.Tensor, dense_cos: torch.Tensor) -> torch.Tensor:
@@ -165,10 +162,13 @@ def _objective_loss(cfg, model, head, batch, y, dense_cos=None):
 
 
 def train_encoder(adapters: list[CanonicalAdapter], cfg: TrainConfig, labels: list[str] | None = None,
-                  targets: list[float] | None = None, log: Callable[[str], None] | None = None) -> dict:
+                  targets: list[float] | None = None, log: Callable[[str], None] | None = None,
+                  evaluator: Evaluator | None = None) -> dict:
     """Train a model on canonical adapters; returns {model, head, history, summary}.
 
-    ``labels`` drive supcon/classify (and the retrieval numbers); ``targets`` drive regress.
+    ``labels`` drive supcon/classify; ``targets`` drive regress. ``evaluator`` (see ``Evaluator``)
+    adds ``val_<metric>`` retrieval numbers each epoch; with one, supcon early-stops on
+    ``val_ndcg@10``, without one on ``val_loss``.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if cfg.objective not in OBJECTIVES:
@@ -236,15 +236,16 @@ def train_encoder(adapters: list[CanonicalAdapter], cfg: TrainConfig, labels: li
                     out["val_acc"] = float((logits.argmax(1) == y).float().mean())
                 else:
                     out["val_loss"] = float(F.mse_loss(head(zs).squeeze(1), y))
-            if lab is not None:
-                out.update({f"val_{k}": v for k, v in retrieval_scores(
-                    zs.cpu(), embed(model, tr_adapters, device), lab[va], lab[tr]).items()})
+            if lab is not None and evaluator is not None:
+                q = F.normalize(zs.float().cpu(), dim=1).numpy()
+                g = F.normalize(embed(model, tr_adapters, device), dim=1).numpy()
+                out.update({f"val_{k}": float(v) for k, v in evaluator(q, g, lab[va], lab[tr]).items()})
         return out
 
     history = [{"epoch": 0, "train_loss": None, **evaluate(), "seconds": 0.0}]
     log(f"[train] {cfg.encoder}/{cfg.objective}: {len(tr)} train, {len(va)} val, {len(classes)} labels, "
         f"device {device}; init " + _fmt(history[0]))
-    monitor = "val_ndcg@10" if cfg.objective == "supcon" and lab is not None else "val_loss"
+    monitor = "val_ndcg@10" if cfg.objective == "supcon" and "val_ndcg@10" in history[0] else "val_loss"
     sign = -1.0 if monitor == "val_ndcg@10" else 1.0
     best = (sign * history[0][monitor]) if monitor in history[0] else math.inf
     best_state = _snapshot(model, head)
@@ -363,11 +364,11 @@ def card_text(cfg: TrainConfig, summary: dict, collection: str, extra: str = "")
 
 
 def train_collection(collection, out, cfg: TrainConfig, label_column: str = "label", roles=(), holdout=(),
-                     target: str | None = None, log=None) -> dict:
+                     target: str | None = None, log=None, evaluator: Evaluator | None = None) -> dict:
     """``lorasearch train``: read a collection, train, write the checkpoint folder."""
     canon, labels, targets, rows = load_collection(collection, label_column, tuple(roles), tuple(holdout),
                                                    target, cfg.device, log)
-    res = train_encoder(canon, cfg, labels=labels, targets=targets, log=log)
+    res = train_encoder(canon, cfg, labels=labels, targets=targets, log=log, evaluator=evaluator)
     summary = res["summary"]
     summary["families"] = sorted({c.family for c in canon})
     extra = {"families": summary["families"], "training": {**asdict(cfg), "collection": str(collection),

@@ -319,6 +319,19 @@ def default_methods(encoders: Sequence[str], k: int = 10, rerank: int | None = N
     return methods + (list(REFERENCE_METHODS) if references else [])
 
 
+def training_evaluator(k: int = 10):
+    """The evaluator ``encoders.train`` calls each epoch: NDCG@k and Hit@1 of held-out queries
+    against the training gallery by embedding cosine (this module's metric definitions)."""
+    def evaluate_embeddings(q: np.ndarray, g: np.ndarray, q_lab: np.ndarray, g_lab: np.ndarray) -> dict:
+        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+        agg = aggregate(evaluate_scores(qn.astype(np.float64) @ gn.astype(np.float64).T,
+                                        np.asarray(q_lab)[:, None] == np.asarray(g_lab)[None, :], k=k))
+        return {f"ndcg@{k}": agg.get(f"ndcg@{k}", float("nan")), "hit@1": agg.get("hit@1", float("nan"))}
+
+    return evaluate_embeddings
+
+
 def machine() -> str:
     """CPU model, core count, OS, and the GPU when torch sees one: what a reported number ran on."""
     cpu = platform.processor() or platform.machine()

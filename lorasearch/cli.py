@@ -290,11 +290,12 @@ def stats(ctx, as_json):
 
 def _attach_optional_groups() -> None:
     """`data`, `train` and `eval` live in their own modules (they pull in heavier dependencies);
-    `eval`'s lives in the eval package (``lorasearch.eval.cli``), attached here by name only, so
-    nothing in the package proper imports ``lorasearch.eval``."""
+    `eval` and `train` live in the eval package (``lorasearch.eval.cli``, ``.train_cli``: training
+    takes eval's metrics as its evaluator), attached here by name only, so nothing in the package
+    proper imports ``lorasearch.eval``."""
     import importlib
 
-    for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.cli_train", "train"),
+    for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.eval.train_cli", "train"),
                       ("lorasearch.eval.cli", "eval_group")):
         try:
             m = importlib.import_module(mod)

@@ -13,7 +13,8 @@ from lorasearch.canonical import canonicalize_many
 from lorasearch.data.manifest import write_manifest
 from lorasearch.encoders import get_encoder
 from lorasearch.encoders.augment import augment_canonical
-from lorasearch.encoders.train import TrainConfig, distill_loss, embed, retrieval_scores, supcon_loss, train_encoder
+from lorasearch.encoders.train import TrainConfig, distill_loss, embed, supcon_loss, train_encoder
+from lorasearch.eval.retrieval import training_evaluator
 from lorasearch.encoders.w2t import W2T
 from lorasearch.similarity import pairwise_dense_cosine
 from lorasearch.similarity import delta_cosine
@@ -62,7 +63,7 @@ def cfg(**kw):
 
 def test_supcon_training_lowers_loss_and_improves_retrieval(data):
     canon, labels, _ = data
-    res = train_encoder(canon, cfg(), labels=labels, log=lambda s: None)
+    res = train_encoder(canon, cfg(), labels=labels, log=lambda s: None, evaluator=training_evaluator())
     h = res["history"]
     assert h[-1]["train_loss"] < h[1]["train_loss"]
     s = res["summary"]
@@ -94,14 +95,22 @@ def test_distill_pulls_embeddings_towards_the_dense_geometry(data):
     dense = torch.from_numpy(pairwise_dense_cosine(canon, canon, device="cpu")).float()
     torch.manual_seed(0)
     before = distill_loss(embed(W2T(**TINY_W2T), canon, "cpu"), dense)
-    res = train_encoder(canon, cfg(distill=5.0, epochs=6), labels=labels, log=lambda s: None)
+    res = train_encoder(canon, cfg(distill=5.0, epochs=6), labels=labels, log=lambda s: None,
+                        evaluator=training_evaluator())
     after = distill_loss(embed(res["model"], canon, "cpu"), dense)
     assert after < 0.5 * before
 
 
+def test_training_without_an_evaluator_monitors_the_validation_loss(data):
+    canon, labels, _ = data
+    res = train_encoder(canon, cfg(epochs=2), labels=labels, log=lambda s: None)
+    assert "val_loss" in res["summary"]["final"] and "val_ndcg@10" not in res["summary"]["final"]
+
+
 def test_early_stopping_keeps_best_epoch(data):
     canon, labels, _ = data
-    res = train_encoder(canon, cfg(epochs=30, patience=1, lr=5e-2), labels=labels, log=lambda s: None)
+    res = train_encoder(canon, cfg(epochs=30, patience=1, lr=5e-2), labels=labels, log=lambda s: None,
+                        evaluator=training_evaluator())
     s = res["summary"]
     assert s["epochs_run"] < 30 and s["best_epoch"] <= s["epochs_run"]
     best = max(r["val_ndcg@10"] for r in res["history"] if r["epoch"] <= s["epochs_run"])
@@ -117,7 +126,8 @@ def test_supcon_loss():
     loss = supcon_loss(torch.nn.functional.normalize(z, dim=1), torch.tensor([0, 0, 0]))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
-    assert retrieval_scores(good, good, np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]))["hit@1"] == 1.0
+    ev = training_evaluator()
+    assert ev(good.numpy(), good.numpy(), np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]))["hit@1"] == 1.0
 
 
 def test_augmentation_keeps_the_update(data):
@@ -137,7 +147,7 @@ def test_train_command_writes_a_usable_checkpoint(tmp_path):
         write_adapter(ad, tmp_path / "coll" / f"a{i}.safetensors", "peft-file", dtype="F32")
         rows.append({"id": f"a{i}", "path": f"a{i}.safetensors", "label": lab, "role": "gallery", "accuracy": t})
     write_manifest(rows, tmp_path / "coll")
-    from lorasearch.cli_train import train
+    from lorasearch.eval.train_cli import train
 
     out = tmp_path / "ck"
     r = CliRunner().invoke(train, ["--encoder", "w2t", "--collection", str(tmp_path / "coll"), "--out", str(out),

@@ -28,7 +28,8 @@ for f, held in enumerate(groups):
     ck = f"/tmp/w2tship/{TAG}fold{f}"
     t0 = time.time()
     s = train_collection(coll, ck, TrainConfig(encoder="w2t", epochs=epochs, batch_size=32, seed=0, device="cpu",
-                         val_frac=0.2, patience=8, model={"hidden": hidden}, distill=DISTILL), holdout=held, log=lambda m: None)
+                         val_frac=0.2, patience=8, model={"hidden": hidden}, distill=DISTILL), holdout=held, log=lambda m: None,
+                         evaluator=R.training_evaluator())
     secs = time.time() - t0
     for fg in (True, False):
         es = R.select_labels(es_all, include=held, filter_gallery=fg)
@@ -51,7 +52,8 @@ json.dump({"folds": rows, "summary": summ}, open(f"/tmp/w2tship/{TAG}heldout.jso
 t0 = time.time()
 cfg = TrainConfig(encoder="w2t", epochs=epochs, batch_size=32, seed=0, device="cpu", val_frac=0.2, patience=8,
                   model={"hidden": hidden}, distill=DISTILL)
-s = train_collection(coll, out, cfg, roles=("gallery",), log=lambda m: print(m, file=sys.stderr))
+s = train_collection(coll, out, cfg, roles=("gallery",), log=lambda m: print(m, file=sys.stderr),
+                     evaluator=R.training_evaluator())
 train_secs = time.time() - t0
 res = R.evaluate(es_all, [f"w2t:{out}"] + methods_base)
 seen = {m.split(":")[0]: res["methods"][m]["overall"] for m in res["methods"]}

@@ -46,7 +46,7 @@ if sys.argv[1] == "--fair-probe":
     for seed in range(seeds):
         tr, _, _ = P.split_70_10_20(y, seed)
         res = train_encoder([canon[i] for i in tr], w2t_config(ep, seed), labels=[labs[i] for i in tr],
-                            log=lambda m: None)
+                            log=lambda m: None, evaluator=R.training_evaluator())
         with torch.no_grad():
             X = embed(res["model"], canon, torch.device("cpu")).numpy().astype(np.float64)
         runs.append(P.train_one(X, y, len(classes), seed))
@@ -84,7 +84,7 @@ def trained(collection, ck, c, **kw):
         conf = json.load(open(f"{ck}/config.json"))
         return {**conf["training"], "families": conf.get("families", [])}, conf["training"]["train_seconds"]
     t0 = time.time()
-    s = train_collection(collection, ck, c, **kw)
+    s = train_collection(collection, ck, c, evaluator=R.training_evaluator(), **kw)
     return s, time.time() - t0
 
 

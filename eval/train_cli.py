@@ -1,4 +1,8 @@
-"""``lorasearch train``: train a learned encoder (or fit a baseline) on a collection folder."""
+"""``lorasearch train``: train a learned encoder (or fit a baseline) on a collection folder.
+
+It lives in the eval package because it wires eval's retrieval metrics into training as the
+evaluator callable: ``encoders.train`` never imports eval, and the package proper
+(``lorasearch/``) imports neither; ``lorasearch.cli`` attaches this command by name."""
 from __future__ import annotations
 
 import json
@@ -51,7 +55,10 @@ def train(encoder, collection, out, objective, epochs, batch_size, lr, weight_de
                               weight_decay=weight_decay, seed=seed, device=device, val_frac=val_frac,
                               patience=patience, augment=augment, threads=threads, distill=distill,
                               model={"hidden": hidden} if hidden else {})
-            summary = train_collection(collection, out, cfg, label_column, roles, holdout, target)
+            from lorasearch.eval.retrieval import training_evaluator
+
+            summary = train_collection(collection, out, cfg, label_column, roles, holdout, target,
+                                       evaluator=training_evaluator())
     except LorasearchError as e:      # also when the command runs on its own, outside the main group
         fail(f"error: {e}", e.exit_code)
     summary = envelope({"checkpoint": str(out), "encoder": encoder, **summary})
