@@ -22,9 +22,18 @@ from lorasearch.ingest import adapter_root, is_peft_folder, stat_adapter  # noqa
 from lorasearch.query import RERANK_BYTES, RERANK_FACTOR, RERANK_MIN, SAME_UPDATE_COSINE  # noqa: F401
 from lorasearch.results import (JSON_VERSION, InfoResult, QueryResult, RemoveResult,  # noqa: F401
                                 StatsResult, SyncReport)
-from lorasearch.similarity import exact_cosines  # noqa: F401 -- kept importable from here
 
 DEFAULT_INDEX = ".lorasearch"
+
+
+def __getattr__(name: str):
+    """``from lorasearch.api import exact_cosines`` still works; imported on demand (similarity
+    pulls in heavier modules than a CLI call needs)."""
+    if name == "exact_cosines":
+        from lorasearch.similarity import exact_cosines
+
+        return exact_cosines
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_index_path() -> Path:
