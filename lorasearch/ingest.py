@@ -168,8 +168,8 @@ class Sync:
             except BadAdapterError as e:
                 report.errors.append((str(given), f"{given}: {e.reason}"))
                 continue
-            except OSError as e:
-                report.errors.append((str(given), f"{given}: {e.strerror or e}"))
+            except Exception as e:  # noqa: BLE001 -- OSError, or anything odd: one line for this file
+                report.errors.append((str(given), _error_line(given, e)))
                 continue
             old = known.get(key)
             if old is not None and old[1] == size and old[2] == mtime:
