@@ -24,6 +24,7 @@ import torch
 
 from lorasearch.errors import IncompatibleError, UsageError
 from lorasearch.eval.retrieval import REFERENCE_METHODS, encoder_for
+from lorasearch.results import JSON_VERSION
 from lorasearch.types import LoraAdapter
 
 DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
@@ -98,7 +99,7 @@ def drift_curves(adapters: Sequence[LoraAdapter], methods: Sequence[str] = ("ske
     off_diag = ~np.eye(len(adapters), dtype=bool)
     orig_key = tuple(id(c) for c in orig)
     base = {m: _similarity(m, encoders[m], orig, orig, caches[m]) for m in methods}
-    result = {"version": 1, "kind": "invariance", "mode": mode, "k": k, "seed": seed,
+    result = {"version": JSON_VERSION, "kind": "invariance", "mode": mode, "k": k, "seed": seed,
               "n_adapters": len(adapters), "family": families.pop(), "strengths": list(map(float, strengths)),
               "cond_max": [], "methods": {m: {"spec": encoders[m].spec if encoders[m] else m,
                                                 "drift_mean": [], "drift_max": [], "overlap": []}

@@ -21,6 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from lorasearch.errors import UsageError
+from lorasearch.results import JSON_VERSION
 
 
 def _stratify(y: np.ndarray, test_fraction: float) -> np.ndarray | None:
@@ -130,7 +131,7 @@ def probe(features: np.ndarray, labels: Sequence[str], seeds: int = 10, **train_
 def probe_representations(reps: dict[str, np.ndarray], labels: Sequence[str], seeds: int = 10,
                           **train_kw) -> dict:
     """Run the probe for each named representation; one versioned object (``kind: probe``)."""
-    return {"version": 1, "kind": "probe", "protocol": "LoRA-WS Table 1: 70/10/20, MLP 3x512",
+    return {"version": JSON_VERSION, "kind": "probe", "protocol": "LoRA-WS Table 1: 70/10/20, MLP 3x512",
             "methods": {name: probe(X, labels, seeds, **train_kw) for name, X in reps.items()}}
 
 

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from lorasearch.eval import retrieval as R
+from lorasearch.results import envelope
 
 _KEYS = ("ndcg@10", "hit@1", "map@10", "recall@10")
 
@@ -181,7 +182,7 @@ def build_report(es: R.EvalSet, encoders: Sequence[str], out_dir: str | Path, pr
         es = R.load(es, device=device)
     full = R.evaluate(es, list(encoders) + list(R.REFERENCE_METHODS))
     retrieval = R.public(full)
-    results: dict = {"version": 1, "kind": "report", "retrieval": retrieval}
+    results: dict = envelope({"kind": "report", "retrieval": retrieval})
     md = [f"# {title}", "", f"{retrieval['created']} on {retrieval['machine']}.", "",
           "## Retrieval", "",
           "Relevance = same label; only same-family pairs are ranked; metrics ×100. "

@@ -10,8 +10,8 @@ import json
 import click
 
 from lorasearch.cli_common import fail
-from lorasearch.results import envelope
 from lorasearch.errors import LorasearchError
+from lorasearch.results import envelope
 
 FITTED = ("flatvec_pca", "flatvec", "stats_layer", "stats_layer_dense")
 

@@ -17,8 +17,8 @@ import click
 
 from lorasearch.cli_common import ErrorGroup
 
-from lorasearch.results import envelope
 from lorasearch.errors import UnavailableError, UsageError
+from lorasearch.results import envelope
 
 SUITES = ("language", "diffusion")
 

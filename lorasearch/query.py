@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 
 from lorasearch.errors import BadAdapterError, LorasearchError, MissingError, UsageError
@@ -27,17 +28,31 @@ def default_rerank_depth(k: int) -> int:
     return max(RERANK_FACTOR * k, RERANK_MIN)
 
 
+class _QuietFilter(logging.Filter):
+    """Drops the reader's records logged by a thread inside ``quiet_reader`` (thread-local, so a
+    concurrent ingest in the same process, e.g. under the HTTP service, keeps its warnings)."""
+
+    state = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.state, "quiet", False)
+
+
+_READER_LOG = logging.getLogger("lorasearch.adapters")
+_FILTER = _QuietFilter()
+_READER_LOG.addFilter(_FILTER)
+
+
 @contextlib.contextmanager
 def quiet_reader():
     """Silence the reader's warnings while candidates are re-loaded: warnings about files that are
     not the query were shown when they were indexed (and ``info`` shows them), not on every query."""
-    log = logging.getLogger("lorasearch.adapters")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    before = getattr(_FILTER.state, "quiet", False)
+    _FILTER.state.quiet = True
     try:
         yield
     finally:
-        log.setLevel(level)
+        _FILTER.state.quiet = before
 
 
 def load_indexed(rec: dict):

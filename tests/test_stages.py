@@ -219,7 +219,9 @@ def test_query_does_not_repeat_warnings_about_candidates(tmp_path, gallery, capl
     assert res.exit_code == 0
     assert [r.getMessage() for r in caplog.records] == []
     assert res.stderr == ""
-    assert logging.getLogger("lorasearch.adapters").level == logging.NOTSET   # restored
+    with caplog.at_level(logging.WARNING, logger="lorasearch.adapters"):   # only the candidates were quiet
+        adapters_pkg.load_adapter(gallery / "a1.safetensors")
+    assert any("without adapter_config.json" in r.getMessage() for r in caplog.records)
 
 
 def test_query_table_has_a_header_and_says_what_a_score_means(tmp_path, gallery):
