@@ -54,21 +54,25 @@ def write_manifest(rows: list[dict], path) -> Path:
     return path
 
 
-def read_manifest(path) -> list[dict]:
-    """Rows as dicts, ``hyperparameters`` decoded back into a dict."""
+def read_manifest(path, require=("id", "path", "label", "role")) -> list[dict]:
+    """Rows as dicts, ``hyperparameters`` decoded back into a dict. The one manifest reader (training,
+    ``eval --collection``); ``require``: the columns the caller needs."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
-    if not path.exists():
+    if not path.is_file():
         raise MissingError(f"{path}: no manifest")
     try:
         rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise BadAdapterError(path, f"not a readable Parquet manifest ({e})") from None
-    missing = {"id", "path", "label", "role"} - set(rows[0] if rows else SCHEMA.names)
+    except (pa.ArrowException, OSError) as e:
+        raise BadAdapterError(path, f"not a readable Parquet manifest ({' '.join(str(e).split())[:200]})") from None
+    missing = set(require) - set(rows[0] if rows else SCHEMA.names)
     if missing:
         raise BadAdapterError(path, f"manifest lacks columns {sorted(missing)}")
-    for r in rows:
+    for i, r in enumerate(rows):
         if isinstance(r.get("hyperparameters"), str):
-            r["hyperparameters"] = json.loads(r["hyperparameters"])
+            try:
+                r["hyperparameters"] = json.loads(r["hyperparameters"])
+            except (ValueError, RecursionError):
+                raise BadAdapterError(path, f"row {i}: hyperparameters is not valid JSON") from None
     return rows

@@ -92,22 +92,16 @@ def from_folders(gallery: str | Path, queries: str | Path, labels: str | Path) -
 
 def from_collection(folder: str | Path, label_column: str | None = None) -> EvalSet:
     """A collection written by ``lorasearch data make``: ``manifest.parquet`` next to the adapters."""
-    import pyarrow.parquet as pq
+    from lorasearch.data.manifest import read_manifest
 
     folder = Path(folder)
     manifest = folder / "manifest.parquet"
-    if not manifest.is_file():
-        raise MissingError(f"{manifest}: manifest not found")
-    try:
-        table = pq.read_table(manifest).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise BadLabelsError(manifest, f"unreadable Parquet ({type(e).__name__}: {e})") from None
+    table = read_manifest(folder, require=("path", "role"))
     cols = set(table[0]) if table else set()
     col = label_column or next((c for c in LABEL_COLUMNS if c in cols), None)
-    for need in ("path", "role", col):
-        if need is None or need not in cols:
-            raise BadLabelsError(manifest, f"needs columns path, role and a label column "
-                                           f"({label_column or '/'.join(LABEL_COLUMNS)}); has {sorted(cols)}")
+    if col is None or col not in cols:
+        raise BadLabelsError(manifest, f"needs a label column ({label_column or '/'.join(LABEL_COLUMNS)}); "
+                                       f"has {sorted(cols)}")
     found: dict[str, list[EvalItem]] = {"gallery": [], "query": []}
     for i, row in enumerate(table):
         role = str(row["role"] or "").lower()

@@ -301,3 +301,28 @@ def test_known_scales_that_differ_stay_similar(tmp_path):
     assert run("--index", idx, "index", g).exit_code == 0
     top = json.loads(run("--index", idx, "query", tmp_path / "x8", "-k", "1", "--json").stdout)["results"][0]
     assert top["score"] == pytest.approx(1.0, abs=1e-5) and top["match"] == "similar" and top["scale_known"] is True
+
+
+# ---- one reader for labels tables, folder listings and manifests -----------------------------
+def test_one_labels_and_manifest_reader_for_training_and_eval(tmp_path):
+    from lorasearch.data.loaders import read_label_table, read_labels
+    from lorasearch.errors import BadAdapterError, MissingError
+    from lorasearch.eval import retrieval as R
+    from lorasearch.eval.cli import eval_group
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("name,label,shots\na,x,8\nb,y,\n")
+    assert read_label_table(csv) == R.read_labels_csv(csv) == {"a": ("x", "8"), "b": ("y", None)}
+    assert read_labels(csv) == {"a": "x", "b": "y"}
+    csv.write_text("name,label\na,x\na,x\n")            # one rule: a name listed twice is refused
+    for reader in (read_labels, R.read_labels_csv):
+        with pytest.raises(BadAdapterError, match="line 3: 'a' labelled twice"):
+            reader(csv)
+    coll = tmp_path / "coll"
+    coll.mkdir()
+    (coll / "manifest.parquet").write_bytes(b"PAR1 not really")
+    r = CliRunner().invoke(eval_group, ["retrieval", "--collection", str(coll)])
+    assert r.exit_code == 65 and "not a readable Parquet manifest" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(MissingError, match="no manifest"):
+        R.from_collection(tmp_path / "nothing")
