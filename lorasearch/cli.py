@@ -252,10 +252,7 @@ def format_query(res) -> str:
         flag = "" if h.reranked else " (e)"
         note = "" if h.scale_known else "  [scale unknown]"
         lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {h.match:<11}  #{h.id:<6} {h.path}{flag}{note}")
-    meaning = ("score: exact cosine of the weight updates ΔW (1 = same direction)" if all(h.reranked for h in res.hits)
-               else "score: exact ΔW cosine; (e) = embedding cosine, not re-ranked" if any(h.reranked for h in res.hits)
-               else "score: embedding cosine (not re-ranked; --rerank N re-scores by exact ΔW cosine)")
-    lines.append(meaning)
+    lines.append(res.score_meaning)
     if any(not h.scale_known for h in res.hits):
         lines.append("[scale unknown]: alpha is unknown on one side, so same-update compares direction only")
     return "\n".join(lines)

@@ -86,12 +86,13 @@ class QueryResult(_Result):
 
     @property
     def score_meaning(self) -> str:
-        kinds = {h.reranked for h in self.hits}
-        if kinds == {True}:
-            return "score = exact cosine of the weight updates ΔW"
-        if kinds == {False}:
-            return "score = embedding cosine (not re-ranked)"
-        return "score = exact ΔW cosine where re-ranked (r), else embedding cosine"
+        """One line saying what the scores are (the CLI table's last line)."""
+        reranked = {h.reranked for h in self.hits}
+        if reranked == {True}:
+            return "score: exact cosine of the weight updates ΔW (1 = same direction)"
+        if True in reranked:
+            return "score: exact ΔW cosine; (e) = embedding cosine, not re-ranked"
+        return "score: embedding cosine (not re-ranked; --rerank N re-scores by exact ΔW cosine)"
 
 
 @dataclass
