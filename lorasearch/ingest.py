@@ -113,8 +113,13 @@ def seen_as(index, folder: str | os.PathLike) -> list[str]:
 
 # ---- embedding, in one place ------------------------------------------------------------------
 def embed(encoder, adapters: list, device: str = "auto") -> tuple[np.ndarray, list[float]]:
-    """Embeddings and ‖ΔW‖_F of each adapter; the norm comes free from the canonical σ
-    (similarity.delta_norm on the raw factors costs seconds for an SD adapter)."""
+    """Embeddings and ‖ΔW‖_F of each adapter. An encoder with its own ``embed(adapters, device)``
+    (straight from the factors) is used as is; otherwise canonical form → ``encode``, the norm
+    coming free from the canonical σ (similarity.delta_norm on the raw factors costs seconds for an
+    SD adapter)."""
+    own = getattr(encoder, "embed", None)
+    if callable(own):
+        return own(adapters, device)
     from lorasearch.canonical import canonicalize_many
 
     canon = canonicalize_many(adapters, device=device)

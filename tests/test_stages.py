@@ -291,6 +291,19 @@ def test_same_direction_with_unknown_scale_is_same_update(tmp_path, monkeypatch)
         assert ls.index.by_path(str(bare))["info"]["scale_known"] is False
 
 
+@pytest.mark.skipif(not hasattr(__import__("lorasearch.types").types.LoraAdapter, "scale_known"),
+                    reason="needs the reader's LoraAdapter.scale_known (issue 7, branch `reader`)")
+def test_bare_peft_weights_file_is_the_same_update_as_its_folder(tmp_path):
+    ad = random_adapter("minilm", rank=4, seed=3, targets=TARGETS, alpha=16.0)
+    write_adapter(ad, tmp_path / "g" / "folder", "peft", dtype="F32")
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((tmp_path / "g" / "folder" / "adapter_model.safetensors").read_bytes())
+    idx = tmp_path / "idx"
+    assert run("--index", idx, "index", tmp_path / "g").exit_code == 0
+    top = json.loads(run("--index", idx, "query", bare, "-k", "1", "--json").stdout)["results"][0]
+    assert top["match"] == "same-update" and top["scale_known"] is False
+
+
 def test_known_scales_that_differ_stay_similar(tmp_path):
     g = tmp_path / "g"
     g.mkdir()
