@@ -182,7 +182,12 @@ def remove(ctx, items, as_json):
 @global_options
 @click.pass_context
 def query(ctx, file, k, threshold, encoder, rerank, nprobe, ef_search, as_json):
-    """The K indexed adapters most similar to FILE."""
+    """The K indexed adapters most similar to FILE.
+
+    The table has a header and ends with what the scores are: the exact cosine of the weight
+    updates ΔW for re-ranked candidates, the embedding cosine (marked `(e)`) for the rest. match:
+    exact (same bytes), same-update (same ΔW; when one side's alpha is unknown, the same direction,
+    marked `[scale unknown]`, `"scale_known": false` in --json), similar."""
     ls = _open(ctx, readonly=True, encoder=encoder, nprobe=nprobe, ef_search=ef_search)
     res = ls.query(file, k=k, threshold=threshold, rerank=rerank)
     q = res.query
