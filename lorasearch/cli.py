@@ -279,7 +279,7 @@ def _attach_optional_groups() -> None:
     import importlib
 
     for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.cli_train", "train"),
-                      ("lorasearch.cli_eval", "eval_group")):
+                      ("lorasearch.cli_eval", "eval_group"), ("lorasearch.cli_serve", "serve")):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
