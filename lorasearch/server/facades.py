@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -53,20 +53,17 @@ class Facades:
             self._write_lock.release()
 
     def run_write(self, fn):
-        """``fn(ls)`` under the writer; if another process holds the index lock, report and wait once."""
-        with self.writer() as ls:
-            ls.index.lock_timeout = 0.0
+        """``fn(ls)`` holding the index's writer lock; if another process holds it, say so on
+        stderr and wait at most ``write_wait`` seconds (then ``IndexLockedError``)."""
+        with self.writer() as ls, ExitStack() as held:
             try:
-                return fn(ls)
+                held.enter_context(ls.index.writer(timeout=0))
             except IndexLockedError as e:
                 if self.write_wait <= 0:
                     raise
                 note(f"{e} -- waiting up to {self.write_wait:g}s")
-            ls.index.lock_timeout = self.write_wait
-            try:
-                return fn(ls)
-            finally:
-                ls.index.lock_timeout = 0.0
+                held.enter_context(ls.index.writer(timeout=self.write_wait))
+            return fn(ls)
 
     def close(self) -> None:
         with self._opened_lock:
