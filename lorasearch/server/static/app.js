@@ -66,8 +66,7 @@ function scoreCell(score) {
   const fill = el("span");
   fill.style.width = `${pct.toFixed(1)}%`;   // CSSOM, not a style attribute: allowed by the page's CSP
   return el("td", {}, el("div", { class: "score" },
-    el("div", { class: "bar", role: "img", "aria-label": `score ${score.toFixed(4)}` },
-      fill)),
+    el("div", { class: "bar", role: "img", "aria-label": `score ${score.toFixed(4)}` }, fill),
     el("code", { text: score.toFixed(4) })));
 }
 
@@ -173,7 +172,8 @@ async function search(files) {
   if ($("threshold").value !== "") params.set("threshold", $("threshold").value);
   try {
     const res = await api(`/query?${params}`, { method: "POST", body: form });
-    renderQuery(res, `Adapters like ${res.query.path}`);
+    const label = files.length > 1 ? [...files].map((f) => f.name).join(" + ") : res.query.path;
+    renderQuery(res, `Adapters like ${label}`);
   } catch (e) {
     showError(e.message);
   } finally {
@@ -262,6 +262,7 @@ function init() {
     else sessionStorage.removeItem("lorasearch-token");
     loadStats();
   });
+  $("token-form").addEventListener("submit", (ev) => { ev.preventDefault(); token.dispatchEvent(new Event("change")); });
   window.addEventListener("hashchange", route);
   loadStats();
   route();
