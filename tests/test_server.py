@@ -427,3 +427,17 @@ def test_serve_refuses_a_missing_index_and_a_short_token(tmp_path, fake_uvicorn)
     assert res.exit_code == 2 and not fake_uvicorn
     res = CliRunner().invoke(cli, ["--index", str(tmp_path / "new"), "serve", "--create"])
     assert res.exit_code == 0 and (tmp_path / "new").is_dir()
+
+
+def test_leftovers_of_a_killed_upload_are_swept_at_start(tmp_path):
+    import os
+
+    index = tmp_path / "index"
+    Lorasearch(index, create=True).close()
+    old, young = index / "uploads" / ".incoming" / "tmpold", index / "uploads" / ".incoming" / "tmpyoung"
+    for d in (old, young):
+        d.mkdir(parents=True)
+        (d / "part0").write_bytes(b"x" * 100)
+    os.utime(old, (1, 1))
+    create_app(index, token=TOKEN)
+    assert not old.exists() and young.exists()      # a young one may belong to another live server

@@ -139,6 +139,22 @@ def list_adapters(ls, family: str | None, sort: str, limit: int, offset: int) ->
             "family": family or None, "sort": sort, "families": ls.index.families(), "adapters": items}
 
 
+def _sweep_incoming(incoming: Path, older_than_s: float = 3600.0) -> None:
+    """Remove upload leftovers of a server that was killed mid-upload (another live server's
+    uploads are younger than ``older_than_s``: an upload past the size limit never takes that long)."""
+    import time
+
+    if not incoming.is_dir():
+        return
+    now = time.time()
+    for p in incoming.iterdir():
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                uploads.remove_tree(p)
+        except OSError:
+            continue
+
+
 def create_app(index_path: str | os.PathLike, token: str | None = None, max_upload_mb: float = 512,
                device: str = "cpu", write_wait: float = 10.0, protect_reads: bool = False) -> FastAPI:
     """The service over the index at ``index_path`` (which must exist: ``MissingError`` otherwise).
@@ -155,6 +171,7 @@ def create_app(index_path: str | os.PathLike, token: str | None = None, max_uplo
     limit = int(max_upload_mb * 1024 * 1024)
     facades = Facades(index_path, device=device, write_wait=write_wait)
     upload_root = index_path / UPLOADS_DIR
+    _sweep_incoming(upload_root / ".incoming")
     app = FastAPI(title="lorasearch", version=__version__,
                   description="Search LoRA adapters by their weights. Bodies are the CLI's --json objects.")
     app.state.token, app.state.facades, app.state.index_path = token, facades, index_path
