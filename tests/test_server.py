@@ -251,14 +251,15 @@ def test_a_refused_add_leaves_nothing_behind(served):
     assert client.get("/stats").json()["count"] == len(PICK)
 
 
-def test_a_locked_index_answers_409_while_reads_go_on(served):
+def test_a_locked_index_answers_409_while_reads_go_on(served, capsys):
     client, _app, index, gallery = served
     other = Lorasearch(index, device="cpu")          # another writer (its own flock)
     try:
         with other.index.writer():
             r = client.post("/adapters", files=_peft_parts(DEMO / "parity-02"), headers=AUTH)
             msg = _assert_error(r, 409, "locked")
-            assert "locked" in msg
+            assert "locked" in msg and "after waiting 0.2s" in msg
+            assert "waiting up to 0.2s" in capsys.readouterr().err       # the waiting writer said so
             assert client.get("/stats").status_code == 200                       # reads are not blocked
             assert client.post("/query", files=_file(gallery / "topic-03.safetensors")).status_code == 200
     finally:
