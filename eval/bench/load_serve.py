@@ -215,7 +215,7 @@ def run(clients: int, queries: int, baseline: int, max_seconds: float, workdir: 
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()}-core {platform.machine()} (shared), no GPU",
-        "indexed": n_indexed, "rerank": rerank, "clients": clients, "queries_per_client": queries,
+        "indexed": n_indexed, "rerank": rerank, "baseline": baseline, "clients": clients, "queries_per_client": queries,
         "queries_done": len(all_lat), "complete": len(all_lat) == clients * queries,
         "wall_s": wall, "throughput_qps": len(all_lat) / wall if wall else float("nan"),
         "p50_ms": _pct(all_lat, 50), "p99_ms": _pct(all_lat, 99), "max_ms": 1000 * max(all_lat, default=0),
@@ -230,7 +230,8 @@ def run(clients: int, queries: int, baseline: int, max_seconds: float, workdir: 
 def markdown(r: dict) -> str:
     ratio = r["http1_p50_ms"] / r["direct_p50_ms"]
     rr = "default, max(5k, 50) candidates" if r["rerank"] is None else ("off" if r["rerank"] == 0 else r["rerank"])
-    flag = "" if r["rerank"] is None else f" --rerank {r['rerank']}"
+    flag = ("" if r["rerank"] is None else f" --rerank {r['rerank']}") + \
+        ("" if r.get("baseline", 60) == 60 else f" --baseline {r['baseline']}")
     return f"""## {r['clients']} clients × {r['queries_per_client']} queries, exact re-ranking: {rr}
 
 Machine: {r['machine']}; {r['date']}. Index: the {r['indexed']} demo adapters (all-MiniLM-L6-v2 LoRAs,
