@@ -28,7 +28,7 @@ def is_loopback(host: str) -> bool:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback exposes the index to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8750, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8750, show_default=True)
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
               help="Uploads larger than this are refused while they arrive (HTTP 413).")
 @click.option("--token", default=None, envvar="LORASEARCH_TOKEN",

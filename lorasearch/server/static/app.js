@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const PAGE = 25;
 let browseOffset = 0;
+let latest = 0;   // only the newest request may draw (a slow earlier answer must not overwrite it)
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -164,6 +165,7 @@ function renderQuery(res, title) {
 // ---- search ------------------------------------------------------------------------------------
 async function search(files) {
   if (!files || !files.length) { showError("choose an adapter file first"); return; }
+  const mine = ++latest;
   showError("");
   busy(true);
   const form = new FormData();
@@ -172,22 +174,26 @@ async function search(files) {
   if ($("threshold").value !== "") params.set("threshold", $("threshold").value);
   try {
     const res = await api(`/query?${params}`, { method: "POST", body: form });
+    if (mine !== latest) return;
     const label = files.length > 1 ? [...files].map((f) => f.name).join(" + ") : res.query.path;
     renderQuery(res, `Adapters like ${label}`);
   } catch (e) {
-    showError(e.message);
+    if (mine === latest) showError(e.message);
   } finally {
     busy(false);
   }
 }
 
 async function similar(id) {
+  const mine = ++latest;
   showError("");
   busy(true);
   try {
     const res = await api(`/adapters/${id}/similar?k=${encodeURIComponent($("k").value || "10")}`);
+    if (mine !== latest) return;
     renderQuery(res, `Adapters similar to #${id} (${baseName(res.query.path)})`);
   } catch (e) {
+    if (mine !== latest) return;
     $("results").hidden = true;
     showError(e.message);
   } finally {
@@ -197,11 +203,13 @@ async function similar(id) {
 
 // ---- browse ------------------------------------------------------------------------------------
 async function browse() {
+  const mine = ++latest;
   showError("");
   const params = new URLSearchParams({ sort: $("sort").value, limit: String(PAGE), offset: String(browseOffset) });
   if ($("family").value) params.set("family", $("family").value);
   try {
     const res = await api(`/adapters?${params}`);
+    if (mine !== latest) return;
     const cols = ["#", "Adapter", "Family", "Format", "Ranks", "Added", ""];
     const rows = [];
     for (const a of res.adapters) {
@@ -221,7 +229,7 @@ async function browse() {
     $("next").disabled = last >= res.total;
     showTable("Indexed adapters", "Select a name to see the adapters most similar to it.", cols, rows);
   } catch (e) {
-    showError(e.message);
+    if (mine === latest) showError(e.message);
   }
 }
 
@@ -237,7 +245,7 @@ function route() {
   }
   if (m) similar(m[1]);
   else if (view === "browse") browse();
-  else { $("results").hidden = true; showError(""); }
+  else { latest++; $("results").hidden = true; showError(""); }
 }
 
 function init() {
