@@ -278,8 +278,11 @@ def _attach_optional_groups() -> None:
     """`data`, `train` and `eval` live in their own modules (they pull in heavier dependencies)."""
     import importlib
 
+    from lorasearch.cli_serve import serve   # fastapi/uvicorn are imported only when `serve` runs
+    cli.add_command(serve)
+
     for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.cli_train", "train"),
-                      ("lorasearch.cli_eval", "eval_group"), ("lorasearch.cli_serve", "serve")):
+                      ("lorasearch.cli_eval", "eval_group")):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
