@@ -278,9 +278,6 @@ def _attach_optional_groups() -> None:
     """`data`, `train` and `eval` live in their own modules (they pull in heavier dependencies)."""
     import importlib
 
-    from lorasearch.cli_serve import serve   # fastapi/uvicorn are imported only when `serve` runs
-    cli.add_command(serve)
-
     for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.cli_train", "train"),
                       ("lorasearch.cli_eval", "eval_group")):
         try:
@@ -292,6 +289,8 @@ def _attach_optional_groups() -> None:
         cmd = getattr(m, attr, None) or getattr(m, attr.replace("_group", ""), None)
         if cmd is not None:
             cli.add_command(cmd)
+    from lorasearch.cli_serve import serve   # fastapi/uvicorn are imported only when `serve` runs
+    cli.add_command(serve)
 
 
 _attach_optional_groups()
