@@ -22,7 +22,7 @@ from lorasearch.api import Lorasearch  # noqa: E402
 from lorasearch.cli import cli  # noqa: E402
 from lorasearch.errors import BadAdapterError, IndexLockedError, MissingError, UnavailableError, UsageError  # noqa: E402
 from lorasearch.server import create_app  # noqa: E402
-from lorasearch.server.app import _status_of  # noqa: E402
+from lorasearch.server.app import _status_of, envelope  # noqa: E402
 from lorasearch.server.uploads import UploadTooLargeError  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "gallery"
@@ -94,7 +94,7 @@ def test_healthz_stats_and_missing_index(served, tmp_path):
     assert h.status_code == 200 and h.json()["count"] == len(PICK)
     s = client.get("/stats").json()
     with Lorasearch(index, readonly=True) as ls:
-        expected = ls.stats()
+        expected = envelope(ls.stats())
     assert s["version"] == 1 and s["count"] == len(PICK) and s["families"] == {"minilm": len(PICK)}
     assert set(s) == set(expected)
     with pytest.raises(MissingError):
@@ -108,7 +108,7 @@ def test_query_upload_is_the_cli_object_and_never_enters_the_index(served, tmp_p
     assert r.status_code == 200, r.text
     body = r.json()
     with Lorasearch(index, readonly=True) as ls:
-        cli_obj = json.loads(json.dumps(ls.query(gallery / "topic-03.safetensors", k=3)))
+        cli_obj = json.loads(json.dumps(envelope(ls.query(gallery / "topic-03.safetensors", k=3)), default=str))
     assert set(body) == set(cli_obj) and body["version"] == cli_obj["version"]
     assert body["query"]["path"] == "topic-03.safetensors"          # the client's name, not a temp path
     assert [(x["id"], x["match"], x["score"]) for x in body["results"]] == \
