@@ -442,3 +442,27 @@ def test_leftovers_of_a_killed_upload_are_swept_at_start(tmp_path):
     os.utime(old, (1, 1))
     create_app(index, token=TOKEN)
     assert not old.exists() and young.exists()      # a young one may belong to another live server
+
+
+def test_client_file_names_cannot_leave_the_upload_folder(served):
+    client, _app, index, gallery = served
+    data = (gallery / "topic-03.safetensors").read_bytes()
+    r = client.post("/adapters", files={"file": ("../../..\\evil name.safetensors", data)}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    kept = Path(r.json()["added"][0])
+    assert kept.parent.parent == index.resolve() / "uploads" and kept.name == "evil_name.safetensors"
+    from lorasearch.server.uploads import safe_name
+
+    for name in ("..", ".hidden", "", "a/../../b"):
+        assert "/" not in safe_name(name) and not safe_name(name).startswith(".")
+
+
+def test_envelope_takes_typed_results_or_dicts():
+    class Typed:
+        def as_dict(self):
+            return {"version": 1, "x": 1}
+
+    assert envelope(Typed()) == {"version": 1, "x": 1}
+    assert envelope({"version": 1}) == {"version": 1}
+    with pytest.raises(TypeError):
+        envelope(42)
