@@ -308,6 +308,8 @@ def _attach_optional_groups() -> None:
         cmd = getattr(m, attr, None) or getattr(m, attr.replace("_group", ""), None)
         if cmd is not None:
             cli.add_command(cmd)
+    from lorasearch.cli_serve import serve   # fastapi/uvicorn are imported only when `serve` runs
+    cli.add_command(serve)
 
 
 _attach_optional_groups()
