@@ -289,6 +289,8 @@ def _attach_optional_groups() -> None:
         cmd = getattr(m, attr, None) or getattr(m, attr.replace("_group", ""), None)
         if cmd is not None:
             cli.add_command(cmd)
+    from lorasearch.cli_audit import attach   # dedupe, explain, label, tag, untag (issue 12)
+    attach(cli)
 
 
 _attach_optional_groups()
