@@ -442,30 +442,52 @@ def knn_vote(sims: np.ndarray, labels: Sequence[Sequence[str]], min_similarity: 
 
 
 def label(ls, path, k: int = LABEL_K, min_similarity: float = LABEL_MIN_SIMILARITY,
-          min_agreement: float = LABEL_MIN_AGREEMENT) -> dict:
-    """Predict labels of the adapter at ``path`` from its ``k`` most similar labelled neighbours
-    (embedding cosine against every labelled adapter of its family; the adapter itself excluded)."""
+          min_agreement: float = LABEL_MIN_AGREEMENT, rerank: int | None = None) -> dict:
+    """Predict labels of the adapter at ``path`` from its ``k`` most similar labelled neighbours.
+
+    Similarity: embedding cosine against every labelled adapter of the family, then the top
+    ``rerank`` (default max(5k, 50); 0 = off) re-scored by the exact ΔW cosine, as ``query`` does
+    (on the project's collections exact-ΔW kNN is the more accurate: eval/results/audit.md).
+    The file itself (same path) is never its own evidence; a labelled copy of it is."""
+    from lorasearch.api import adapter_root
     from lorasearch.indexer import tags
 
     if k < 1:
         raise UsageError(f"k must be at least 1, not {k}")
+    if rerank is not None and rerank < 0:
+        raise UsageError(f"rerank must be 0 or more, not {rerank}")
     adapter = _load_query(path)
     index = ls.index
     labelled = tags.labelled(index, family=adapter.family)
-    own = os.path.realpath(Path(path))
+    own = os.path.realpath(adapter_root(Path(path)))
     recs = {i: index.get(i) for i in labelled}
-    ids = [i for i, r in recs.items() if r is not None and r["path"] != own and r["sha256"] != adapter.sha256]
+    ids = [i for i, r in recs.items() if r is not None and r["path"] != own]
     evidence, sims = [], np.zeros(0)
     if ids and index.encoder_spec():
         q = _embed_query(ls, adapter).astype(np.float64)
         q /= np.linalg.norm(q) or 1.0
         V = index.embeddings(ids).astype(np.float64)
         V /= np.clip(np.linalg.norm(V, axis=1, keepdims=True), 1e-30, None)
-        all_sims = V @ q
-        order = np.argsort(-all_sims, kind="stable")[:k]
-        sims = all_sims[order]
-        evidence = [{"id": ids[o], "path": recs[ids[o]]["path"], "similarity": round(float(all_sims[o]), 6),
-                     "labels": labelled[ids[o]]} for o in order]
+        emb = V @ q
+        depth = max(5 * k, 50) if rerank is None else rerank
+        top = np.argsort(-emb, kind="stable")[:max(k, depth)]
+        scored = {}                                        # position in ids -> exact ΔW cosine
+        if depth:
+            loaded = [(o, _load_indexed(recs[ids[o]])) for o in top[:depth]]
+            loaded = [(o, ad) for o, ad in loaded if ad is not None]
+            if loaded:
+                qf = G.module_factors(adapter)
+                ofs = [G.module_factors(ad) for _o, ad in loaded]
+                dots = G.cross(None, None, query_factors=qf, other_factors=ofs)
+                qn = np.sqrt(G.sq_norm(factors=qf))
+                for (o, _ad), f, dot in zip(loaded, ofs, dots):
+                    on = recs[ids[o]].get("delta_norm") or np.sqrt(G.sq_norm(factors=f))
+                    scored[int(o)] = float(dot / (qn * on)) if qn > 0 and on > 0 else 0.0
+        # exactly re-scored neighbours first (as query ranks them), then the rest by embedding
+        order = sorted((int(o) for o in top), key=lambda o: (o not in scored, -scored.get(o, emb[o])))[:k]
+        sims = np.array([scored.get(o, emb[o]) for o in order])
+        evidence = [{"id": ids[o], "path": recs[ids[o]]["path"], "similarity": round(float(scored.get(o, emb[o])), 6),
+                     "exact": o in scored, "labels": labelled[ids[o]]} for o in order]
     votes, reason = knn_vote(sims, [e["labels"] for e in evidence], min_similarity, min_agreement)
     predicted = [] if reason else [v.label for v in votes if v.score >= min_agreement]
     return {"version": JSON_VERSION,

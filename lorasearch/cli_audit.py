@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from lorasearch import audit
-from lorasearch.errors import EXIT_MISSING, UsageError
+from lorasearch.errors import EXIT_MISSING, BadAdapterError, UsageError
 
 
 def _open(ctx, readonly: bool):
@@ -115,12 +115,14 @@ def explain(ctx, file, k, as_json):
               show_default=True, help="Abstain when the nearest labelled adapter is less similar.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=audit.LABEL_MIN_AGREEMENT,
               show_default=True, help="Abstain when no label has this share of the weighted vote.")
+@click.option("--rerank", type=click.IntRange(0, 10000), default=None,
+              help="Labelled candidates re-scored by exact ΔW cosine (default max(5k, 50); 0 = embedding only).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def label(ctx, file, k, min_similarity, min_agreement, as_json):
+def label(ctx, file, k, min_similarity, min_agreement, rerank, as_json):
     """Predict FILE's labels from its labelled neighbours (similarity-weighted kNN)."""
     res = audit.label(_open(ctx, readonly=True), file, k=k, min_similarity=min_similarity,
-                      min_agreement=min_agreement)
+                      min_agreement=min_agreement, rerank=rerank)
     head = f"abstain: {res['reason']}" if res["abstained"] else f"labels: {', '.join(res['labels'])}"
     lines = [f"label {res['query']['path']}  family={res['query']['family']}", head]
     for s in res["scores"][:5]:
@@ -181,8 +183,8 @@ def tag(ctx, item, labels, labels_file, list_, as_json):
         for name, cell in table.items():
             recs = by_name.get(Path(name).name, [])
             if len(recs) > 1:
-                raise UsageError(f"{labels_file}: name {name!r} matches {len(recs)} indexed adapters "
-                                 f"({recs[0]['path']}, {recs[1]['path']} …); tag them by id or path")
+                raise BadAdapterError(labels_file, f"name {name!r} matches {len(recs)} indexed adapters "
+                                      f"({recs[0]['path']}, {recs[1]['path']} …); tag them by id or path")
             if not recs:
                 not_found.append(name)
                 continue
