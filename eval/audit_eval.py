@@ -12,7 +12,7 @@
 3. moderation: each diffusion superclass in turn is "flagged"; the flagged vote share is the
    score (AUROC) and the label rule's decision gives precision / recall.
 
-    nice python -m lorasearch.eval.audit_eval --out eval/results/audit_eval.json
+    nice python -m lorasearch.eval.audit_eval --out eval/results/audit/audit_eval.json
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def moderation(seeds: int = 5) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="eval/results/audit_eval.json")
+    ap.add_argument("--out", default="eval/results/audit/audit_eval.json")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--only", default="explain,labels,moderation")
