@@ -26,9 +26,8 @@ import numpy as np
 from lorasearch import gram as G
 from lorasearch.errors import BadAdapterError, MissingError, UsageError
 
-JSON_VERSION = 1                 # = lorasearch.api.JSON_VERSION (not imported: keeps this torch-free)
-SAME_UPDATE_COSINE = 0.999       # = lorasearch.api.SAME_UPDATE_COSINE
-SAME_UPDATE_NORM_TOL = 0.01      # = lorasearch.api.SAME_UPDATE_NORM_TOL
+# one source of truth with `query`: the JSON version and the same-update rule (exact ΔW cosine and norm)
+from lorasearch.api import JSON_VERSION, SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL  # noqa: E402,F401
 DEDUPE_K = 10                    # neighbours searched per adapter (doubled while all are above the bound)
 DEDUPE_BOUND = 0.9               # embedding cosine above which a pair is verified exactly
 EXPLAIN_K = 20

@@ -332,3 +332,17 @@ def test_explain_and_label_of_another_family_answer_honestly(merge_index, tmp_pa
     assert out["candidates"] == 0 and out["sources"] == [] and out["verdict"].startswith("not a merge")
     out = json.loads(run(idx, "label", other, "--json").stdout)
     assert out["abstained"] and out["reason"] == "no labelled adapters of this family"
+
+
+def test_dedupe_skips_a_file_changed_since_indexing(tmp_path, dupes):
+    idx = tmp_path / "idx"
+    run(idx, "index", dupes)
+    changed = dupes / "orig-kohya.safetensors"
+    write_adapter(random_adapter("sd15", rank=8, seed=77, targets=TARGETS), changed, "kohya", dtype="F32")
+    res = run(idx, "dedupe", "--json")
+    assert res.exit_code == 0
+    out = json.loads(res.stdout)
+    assert [Path(u["path"]).name for u in out["unreadable"]] == ["orig-kohya.safetensors"]
+    assert "changed or gone" in res.stderr
+    names = {Path(m["path"]).name for m in out["clusters"][0]["members"]}
+    assert "orig-kohya.safetensors" not in names and {"orig", "orig-fp16.safetensors"} <= names
