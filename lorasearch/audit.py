@@ -24,10 +24,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from lorasearch import gram as G
+# one source of truth with `query`: the JSON version and the same-update rule (exact ΔW cosine and
+# norm). lorasearch.api imports its stages lazily, so a facade method importing this module is fine.
+from lorasearch.api import JSON_VERSION, SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL  # noqa: F401
 from lorasearch.errors import BadAdapterError, MissingError, UsageError
 
-# one source of truth with `query`: the JSON version and the same-update rule (exact ΔW cosine and norm)
-from lorasearch.api import JSON_VERSION, SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL  # noqa: E402,F401
 DEDUPE_K = 10                    # neighbours searched per adapter (doubled while all are above the bound)
 DEDUPE_BOUND = 0.9               # embedding cosine above which a pair is verified exactly
 EXPLAIN_K = 20
