@@ -26,8 +26,13 @@ import numpy as np
 from lorasearch import gram as G
 # one source of truth with `query`: the JSON version and the same-update rule (exact ΔW cosine and
 # norm). lorasearch.api imports its stages lazily, so a facade method importing this module is fine.
-from lorasearch.api import JSON_VERSION, SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL  # noqa: F401
+from lorasearch.api import JSON_VERSION  # noqa: F401
 from lorasearch.errors import BadAdapterError, MissingError, UsageError
+
+try:                    # issue 8 moves the rule into lorasearch.query (the integrator can drop the fallback)
+    from lorasearch.query import SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL
+except ImportError:
+    from lorasearch.api import SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL
 
 DEDUPE_K = 10                    # neighbours searched per adapter (doubled while all are above the bound)
 DEDUPE_BOUND = 0.9               # embedding cosine above which a pair is verified exactly
@@ -68,6 +73,7 @@ class _FactorCache:
     def __init__(self, load: Callable[[int], object], size: int = 64):
         self.load, self.size = load, size
         self._d: OrderedDict[int, dict | None] = OrderedDict()
+        self.scale_known: dict[int, bool] = {}        # False: the file has no alpha (norm not comparable)
 
     def __call__(self, i: int) -> dict | None:
         if i in self._d:
@@ -75,6 +81,8 @@ class _FactorCache:
             return self._d[i]
         ad = self.load(i)
         f = None if ad is None else G.module_factors(ad)
+        if ad is not None:
+            self.scale_known[i] = bool(getattr(ad, "scale_known", True))
         self._d[i] = f
         if len(self._d) > self.size:
             self._d.popitem(last=False)
@@ -133,10 +141,14 @@ def candidate_pairs(ids: np.ndarray, vectors: np.ndarray, search: Callable, k: i
 
 def verify_pairs(pairs: Iterable[tuple[int, int]], norms: dict[int, float | None], shas: dict[int, str],
                  factors: Callable[[int], dict | None], threshold: float = SAME_UPDATE_COSINE,
-                 norm_tol: float = SAME_UPDATE_NORM_TOL) -> tuple[list[dict], set[int]]:
-    """Exactly verified edges ``{a, b, match, cosine, norm_ratio}`` and the ids that could not be
-    read (file changed or gone since indexing). Pairs are grouped by their first id, so each
-    anchor's factors are loaded once and compared with all its partners in one GEMM per module."""
+                 norm_tol: float = SAME_UPDATE_NORM_TOL,
+                 scale_known: Callable[[int], bool] | None = None) -> tuple[list[dict], set[int]]:
+    """Exactly verified edges ``{a, b, match, cosine, norm_ratio, scale_known}`` and the ids that
+    could not be read (file changed or gone since indexing). Pairs are grouped by their first id,
+    so each anchor's factors are loaded once and compared with all its partners in one GEMM per
+    module. As ``query``: when either file's alpha is unknown (``scale_known(i)`` False) the norms
+    are not comparable, so the same direction is enough and the edge says ``scale_known: false``."""
+    known = scale_known or (lambda _i: True)
     by_anchor: dict[int, list[int]] = {}
     for a, b in sorted(pairs):
         by_anchor.setdefault(a, []).append(b)
@@ -152,7 +164,8 @@ def verify_pairs(pairs: Iterable[tuple[int, int]], norms: dict[int, float | None
 
     for a, partners in by_anchor.items():
         same = [b for b in partners if shas.get(a) and shas.get(b) == shas.get(a)]
-        edges += [{"a": a, "b": b, "match": "exact", "cosine": 1.0, "norm_ratio": 1.0} for b in same]
+        edges += [{"a": a, "b": b, "match": "exact", "cosine": 1.0, "norm_ratio": 1.0, "scale_known": True}
+                  for b in same]
         rest = [b for b in partners if b not in same]
         if not rest:
             continue
@@ -171,9 +184,10 @@ def verify_pairs(pairs: Iterable[tuple[int, int]], norms: dict[int, float | None
             nb = norm(b, fb)
             cos = float(np.clip(dot / (na * nb), -1, 1)) if na > 0 and nb > 0 else 0.0
             ratio = nb / na if na > 0 else float("inf")
-            if cos >= threshold and abs(ratio - 1.0) <= norm_tol:
+            sized = bool(known(a) and known(b))
+            if cos >= threshold and (abs(ratio - 1.0) <= norm_tol or not sized):
                 edges.append({"a": a, "b": b, "match": "same-update", "cosine": round(cos, 6),
-                              "norm_ratio": round(ratio, 6)})
+                              "norm_ratio": round(ratio, 6), "scale_known": sized})
     return edges, unreadable
 
 
@@ -245,8 +259,13 @@ def dedupe(ls, threshold: float = SAME_UPDATE_COSINE, norm_tol: float = SAME_UPD
             pairs.update((group[0], b) for b in group[1:])
         n_pairs += len(pairs)
         cache = _FactorCache(lambda i: _load_indexed(records[i]))
+
+        def known(i: int, cache=cache) -> bool:
+            info = records[i].get("info") or {}
+            return bool(info.get("scale_known", True)) and cache.scale_known.get(i, True)
+
         edges, bad = verify_pairs(pairs, {i: records[i].get("delta_norm") for i in ids},
-                                  {i: records[i]["sha256"] for i in ids}, cache, threshold, norm_tol)
+                                  {i: records[i]["sha256"] for i in ids}, cache, threshold, norm_tol, known)
         all_edges += edges
         unreadable |= bad
     clusters = clusters_from_edges(all_edges, records)

@@ -346,3 +346,20 @@ def test_dedupe_skips_a_file_changed_since_indexing(tmp_path, dupes):
     assert "changed or gone" in res.stderr
     names = {Path(m["path"]).name for m in out["clusters"][0]["members"]}
     assert "orig-kohya.safetensors" not in names and {"orig", "orig-fp16.safetensors"} <= names
+
+
+def test_verify_pairs_norm_rule_and_unknown_scale():
+    a = random_adapter("minilm", rank=4, seed=0, targets=r"attention\.self\.value$")
+    b = random_adapter("minilm", rank=4, seed=0, targets=r"attention\.self\.value$")
+    for m in b.modules:
+        m.scale = 2.0                                             # same direction, twice the norm
+    from lorasearch import gram as G
+
+    fs = {1: G.module_factors(a), 2: G.module_factors(b)}
+    norms = {1: None, 2: None}
+    shas = {1: "x", 2: "y"}
+    edges, bad = audit.verify_pairs({(1, 2)}, norms, shas, fs.get)
+    assert edges == [] and bad == set()
+    edges, _ = audit.verify_pairs({(1, 2)}, norms, shas, fs.get, scale_known=lambda i: i != 2)
+    assert len(edges) == 1 and edges[0]["match"] == "same-update" and edges[0]["scale_known"] is False
+    assert abs(edges[0]["norm_ratio"] - 2.0) < 1e-6
