@@ -310,6 +310,8 @@ def _attach_optional_groups() -> None:
             cli.add_command(cmd)
     from lorasearch.cli_serve import serve   # fastapi/uvicorn are imported only when `serve` runs
     cli.add_command(serve)
+    from lorasearch.cli_audit import attach   # dedupe, explain, label, tag, untag (issue 12)
+    attach(cli)
 
 
 _attach_optional_groups()
