@@ -247,7 +247,7 @@ def kohya_to_normalized(module: str) -> tuple[str, bool, str]:
 # ---- wrappers -----------------------------------------------------------------------------------
 _TASK_WRAPPER = re.compile(
     r"^(?:bert|roberta|distilbert|deberta|electra|albert|mpnet|xlm_roberta|camembert|auto_model|"
-    r"0\.auto_model)\.(?=(?:encoder|embeddings|transformer|pooler)\.)")
+    r"0\.auto_model|0\.model)\.(?=(?:encoder|embeddings|transformer|pooler)\.)")    # sentence-transformers ≥ 6: 0.model.
 _LLM_WRAPPER = re.compile(r"^(?:model\.(?=layers\.\d)|model\.(?=decoder\.layers\.\d)|transformer\.(?=h\.\d)|"
                           r"model\.language_model\.(?=layers\.\d)|language_model\.model\.(?=layers\.\d))")
 
