@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from .dit import KOHYA_TOP, known_bfl, known_dit, xlabs_to_bfl
-from .names import diffusers_from_sgm, kohya_to_normalized, normalize_path
+from .names import diffusers_from_sgm, kohya_to_normalized, normalize_path, table_names
 
 # role: A / B / mid / alpha / embA / embB / dora / bias
 _SUFFIXES = (
@@ -120,7 +120,11 @@ def normalize_stem(stem: str, layout: str) -> tuple[str, str]:
     ``diffusers`` (component prefix), ``attn-procs`` or ``plain``. One module gets one name whichever
     producer (and library version) wrote it; see :data:`_CLIP_V5`, :data:`_BERT_PATH`, :data:`_BARE_DIT`."""
     name, scheme = _normalize_stem(stem, layout)
-    name = _CLIP_V5.sub(r"\1.text_model.", name)
+    clip = _CLIP_V5.sub(r"\1.text_model.", name)
+    if clip != name:
+        name = clip
+        if scheme == "kohya-heuristic" and name in table_names():
+            scheme = "kohya"      # a transformers-5 name of a module the tables know
     if _BERT_PATH.match(name):
         name = name[len("text_encoder."):]
         if scheme == "kohya-heuristic" and _BERT_KNOWN.match(name):

@@ -224,6 +224,12 @@ def _kohya_lookup() -> dict[tuple[str, str], str]:
     return table
 
 
+@lru_cache(maxsize=None)
+def table_names() -> frozenset[str]:
+    """Every normalized module name the architecture tables know."""
+    return frozenset(name for arch in ARCHS for name, _ in arch_table(arch)["modules"] + arch_table(arch)["conv"])
+
+
 def kohya_to_normalized(module: str) -> tuple[str, bool, str]:
     """kohya module name → (normalized name, found in a table?, kohya prefix used)."""
     for prefix, comp in KOHYA_PREFIXES:
