@@ -113,7 +113,8 @@ def load_adapter(path, sha256: str | None = None, check_finite: bool = True) -> 
     ``sha256`` may be passed when the caller already hashed the file."""
     path = Path(path)
     if not path.exists():
-        raise MissingError(f"{path}: no such file or folder")
+        raise MissingError(f"{path}: " + ("a symlink whose target does not exist (or a symlink loop)"
+                                          if path.is_symlink() else "no such file or folder"))
     config = None
     if path.is_dir():
         config, weights = _peft_folder(path)
@@ -178,6 +179,8 @@ def _peft_folder(path: Path) -> tuple[dict, Path]:
                                     "only LORA (ΔW = B·A) is supported")
     AlphaConfig(path, config, "adapter_config.json")      # validate lora_alpha / patterns before any tensor
     weights = path / "adapter_model.safetensors"
+    if weights.exists() and not weights.is_file():
+        os.close(open_regular(weights))       # raises: a FIFO/device/folder named adapter_model.safetensors
     if not weights.is_file():
         for name in ("adapter_model.bin", "adapter_model.pt"):
             if (path / name).is_file():
@@ -437,10 +440,10 @@ def trigger_words(meta: dict[str, str], top: int = 10) -> list[str]:
             for tags in freq.values():
                 if isinstance(tags, dict):
                     for tag, n in tags.items():
-                        if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) \
-                                and abs(n) < 1e15:     # JSON 1e400 / Infinity parse as float inf
+                        # JSON 1e400 / Infinity parse as float inf, 1000…0 as an int too big for a float
+                        if isinstance(n, (int, float)) and not isinstance(n, bool) and abs(n) < 10 ** 15:
                             counts[str(tag).strip()] += int(n)
-                        elif isinstance(n, str) and n.strip().isdigit() and len(n) < 16:
+                        elif isinstance(n, str) and n.strip().isascii() and n.strip().isdigit() and len(n) < 16:
                             counts[str(tag).strip()] += int(n)
         for tag, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0])):
             if tag and tag not in words and len(words) < top:
