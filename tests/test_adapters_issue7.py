@@ -412,3 +412,20 @@ def test_bare_peft_file_without_config_has_scale_unknown(tmp_path):
     assert delta_cosine(folder, alone_ad) == pytest.approx(1.0, abs=1e-9)
     assert bare.scale_known is False      # peft-file keys, no config: the writer folded the scale, the reader can't know
     assert delta_cosine(folder, bare) == pytest.approx(1.0, abs=1e-6)
+
+
+# ---- found by the fuzz harness / by reading the code for super-linear paths -----------------------
+def test_kohya_name_with_thousands_of_underscores_is_read_in_linear_time(tmp_path):
+    stem = "lora_unet_" + "a_" * 30000 + "b"      # the dot-restoring heuristic was O(n³) in the pieces
+    save_file({f"{stem}.lora_down.weight": t(2, 8), f"{stem}.lora_up.weight": t(8, 2)}, str(tmp_path / "u.safetensors"))
+    out = _load_in_child(tmp_path / "u.safetensors", timeout=60)
+    assert out.startswith("OK")
+    ad = load_adapter(tmp_path / "u.safetensors")
+    assert max(len(w) for w in ad.warnings) < 1000        # warnings quote names shortened
+
+
+def test_locon_mid_whose_product_would_be_huge_is_refused(tmp_path):
+    n = "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file({f"{n}.lora_down.weight": t(2, 20000, 1, 1), f"{n}.lora_mid.weight": t(2, 2, 200, 200),
+               f"{n}.lora_up.weight": t(320, 2, 1, 1)}, str(tmp_path / "m.safetensors"))
+    refused(tmp_path / "m.safetensors", "lora_mid", "kernel")

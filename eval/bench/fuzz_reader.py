@@ -230,7 +230,8 @@ def mutate_header_json(rng, header: dict, data: bytes):
                           k.replace("lora_up", "lora_down").replace("lora_B", "lora_A"), "x" * 100_000,
                           "lora_te_encoder_layer_0_attention_self_query.lora_down.weight",
                           "base_model.model.0.model.encoder.layer.0.attention.self.query.lora_A.weight",
-                          "transformer_blocks.0.attn.to_q.lora_A.weight", k + ".alpha", "\udcff" * 0 + "é" * 10])
+                          "transformer_blocks.0.attn.to_q.lora_A.weight", k + ".alpha", "é" * 10,
+                          "lora_unet_" + "a_" * 20000 + "b.lora_down.weight", k.replace("lora_down", "lora_mid")])
         header[new] = header.pop(k)
     elif op in ("meta", "meta_json"):
         meta = header.setdefault("__metadata__", {})

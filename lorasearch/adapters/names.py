@@ -68,6 +68,11 @@ def _words() -> frozenset[str]:
     return frozenset(words)
 
 
+@lru_cache(maxsize=None)
+def _longest_word() -> int:
+    return max(w.count("_") + 1 for w in _words())
+
+
 def heuristic_dots(underscored: str) -> str:
     """Turn ``a_b_c`` back into a dotted path by greedy longest match against known path words.
 
@@ -77,9 +82,10 @@ def heuristic_dots(underscored: str) -> str:
     """
     pieces = underscored.split("_")
     words = _words()
+    longest = _longest_word()
     out, i = [], 0
-    while i < len(pieces):
-        for j in range(len(pieces), i + 1, -1):
+    while i < len(pieces):      # a compound word has at most `longest` pieces: O(len · longest), never O(len²)
+        for j in range(min(len(pieces), i + longest), i + 1, -1):
             cand = "_".join(pieces[i:j])
             if cand in words:
                 out.append(cand)

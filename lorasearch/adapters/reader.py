@@ -33,6 +33,7 @@ from .safetensors_strict import (HEADER_CAP, SafetensorsFile, loads_limited, ope
 log = logging.getLogger("lorasearch.adapters")
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 CHUNK = 1 << 20
+MAX_FACTOR = 1 << 28        # values in one unfolded LoCon factor (1 GiB of float32); real ones are < 10^7
 _DORA_KEYS = (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".dora_scale")
 
 
@@ -279,7 +280,7 @@ def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None
         modules.append(_module(path, st, name, real[name], raw_path[name], alpha_src, check_finite))
     other = [k for k in unknown if not k.endswith(_DORA_KEYS)]     # DoRA has its own warning above
     if other:
-        shown = ", ".join(repr(k) for k in other[:3])
+        shown = ", ".join(short(k) for k in other[:3])
         warnings.append(f"{len(other)} keys are not LoRA factors and were not used: {shown}"
                         + (" …" if len(other) > 3 else ""))
     if config:
@@ -291,7 +292,7 @@ def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None
     guessed &= set(real)
     if guessed:
         warnings.append(f"{len(guessed)} kohya module names are in no architecture table; their dots were "
-                        f"restored by heuristic (e.g. {min(guessed)!r})")
+                        f"restored by heuristic (e.g. {short(min(guessed))})")
     scale_known = not (config is None and schemes.get("peft") and not any("alpha" in r for r in real.values())
                        and meta_cfg is None)
     if not scale_known:
@@ -338,6 +339,10 @@ def _module(path, st: SafetensorsFile, name: str, roles: dict, raw: str, alpha_s
         mid = st.array(roles["mid"])
         if A.ndim != 4 or mid.ndim != 4 or mid.shape[1] != A.shape[0] or A.shape[2:] != (1, 1):
             raise BadAdapterError(path, f"module {short(name)}: lora_mid {mid.shape} does not fit lora_down {A.shape}")
+        out_size = mid.shape[0] * A.shape[1] * mid.shape[2] * mid.shape[3]
+        if max(mid.shape[2:]) > 16 or out_size > MAX_FACTOR:    # the product of two small tensors can be huge
+            raise BadAdapterError(path, f"module {short(name)}: lora_mid {mid.shape} with lora_down {A.shape} "
+                                        f"gives a {out_size}-value factor (kernel ≤ 16, ≤ {MAX_FACTOR} values)")
         A = np.einsum("abhw,bi->aihw", mid, A[:, :, 0, 0], optimize=True).astype(np.float32)
     r = A.shape[0]
     rb = B.shape[1]
