@@ -27,8 +27,11 @@ import time
 import traceback
 from pathlib import Path
 
+import logging
+
 import atheris
 
+logging.disable(logging.CRITICAL)     # the reader's per-file warnings are expected output, not findings
 with atheris.instrument_imports():
     from lorasearch.adapters import describe, load_adapter
     from lorasearch.adapters.patterns import AlphaConfig
