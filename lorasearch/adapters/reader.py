@@ -99,7 +99,7 @@ def find_adapters(root) -> list[Path]:
             try:
                 if e.is_dir():
                     stack.append(e)
-                elif e.suffix.lower() in ADAPTER_SUFFIXES and (e.exists() or e.is_symlink()):
+                elif e.suffix.lower() in ADAPTER_SUFFIXES and e.exists():     # FIFOs etc. too: reported, never opened
                     if not (is_peft and e.name.startswith("adapter_model.")):
                         found.append(e)
             except OSError:
