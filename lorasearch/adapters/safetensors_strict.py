@@ -282,8 +282,9 @@ def _read_header(path, f, size: int) -> tuple[bytes, bytes, int]:
         raise BadAdapterError(path, f"file is {size} bytes, too small for a safetensors header (8 bytes)")
     (n,) = struct.unpack("<Q", head[:8])
     if n > HEADER_CAP:
-        raise BadAdapterError(path, f"not a safetensors file: header length field says {n} bytes "
-                                    f"(cap {HEADER_CAP}); the file looks like {content_kind(head)}")
+        # the value itself is not printed: it is the file's first 8 bytes, i.e. its contents
+        raise BadAdapterError(path, f"not a safetensors file: its first 8 bytes are no header length (over the "
+                                    f"{HEADER_CAP}-byte cap); the file looks like {content_kind(head)}")
     if 8 + n > size:
         raise BadAdapterError(path, f"header length field says {n} bytes but only {size - 8} bytes follow it: "
                                     f"truncated or not safetensors (the file looks like {content_kind(head)})")
