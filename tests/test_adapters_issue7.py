@@ -277,11 +277,15 @@ def _peft_state_dict(ad, prefix_map=None):
     return out
 
 
-def test_diffusers_convert_to_kohya_sd15_with_text_encoder_stays_sd1(tmp_path):
+@pytest.mark.parametrize("targets", [
+    r"(down_blocks\.0\..*attn1\.to_q|text_model\.encoder\.layers\.0\.self_attn\.q_proj)$",
+    r"(attn[12]\.(to_q|to_out\.0)|text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|out_proj))$",   # no attn2 k/v
+])
+def test_diffusers_convert_to_kohya_sd15_with_text_encoder_stays_sd1(tmp_path, targets):
     from diffusers.utils import convert_state_dict_to_kohya
-    # UNet self-attention only (no cross-attention width to read) plus CLIP-L: the UNet layout must decide
-    ad = random_adapter("sd15", rank=4, targets=r"(down_blocks\.0\..*attn1\.to_q|text_model\.encoder\.layers\.0\."
-                                                r"self_attn\.q_proj)$", seed=5)
+    # no cross-attention k/v (the width that names the family) but CLIP-L, written lora_te1_: the UNet
+    # layout (attention in down_blocks.0, 1-block transformers) must decide
+    ad = random_adapter("sd15", rank=4, targets=targets, seed=5)
     sd = _peft_state_dict(ad)
     save_file(convert_state_dict_to_kohya(sd), str(tmp_path / "k.safetensors"))
     save_file(sd, str(tmp_path / "d.safetensors"))

@@ -173,10 +173,10 @@ def _sd_family(unet: list[LoraModule], te: list[LoraModule], hints: set[str], no
             break
     if cands is None:          # text encoders only
         fams = te_fams or ["sd-te"]
-        if "kohya-te1" in hints and "sdxl" in fams:       # kohya names SDXL's encoders te1/te2, SD1's te
-            fams = ["sdxl"] + [f for f in fams if f != "sdxl"]
     else:
         fams = [f for f in cands if te_fams is None or f in te_fams] or cands
+    if "kohya-te1" in hints and "sdxl" in fams:    # only breaks a tie: kohya names SDXL's encoders te1/te2
+        fams = ["sdxl"] + [f for f in fams if f != "sdxl"]
     if len(fams) > 1:
         notes.append(f"family ambiguous: the adapted modules fit {' and '.join(fams)} "
                      f"({'text encoder only' if not unet else 'no layer that tells them apart'}); "
