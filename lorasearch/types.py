@@ -69,6 +69,12 @@ class LoraAdapter:
     trigger_words: list[str] = field(default_factory=list)
     unknown_keys: list[str] = field(default_factory=list)     # reported, not silently dropped
     warnings: list[str] = field(default_factory=list)
+    # False when the file does not say its alpha (a bare PEFT weights file without adapter_config.json):
+    # the direction of ΔW is known, its norm only up to the unknown alpha/r
+    scale_known: bool = True
+    # set when the layout fits more than one base model (e.g. a CLIP-L-only LoRA: SD1.x or SDXL's first
+    # text encoder); ``family`` is then the likelier one and this says which others fit
+    family_note: str | None = None
 
     def module(self, name: str) -> LoraModule | None:
         for m in self.modules:

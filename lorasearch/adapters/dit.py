@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import BadAdapterError
 from ..types import LoraModule
+from .safetensors_strict import short
 
 H = 3072                      # Flux.1 hidden size; MLP 4·H
 _DOUBLE = {
@@ -157,16 +158,16 @@ def split_fused(path, modules: list[LoraModule], warnings: list[str]) -> list[Lo
         _emit(m, base, parts, out, trimmed)
     if unknown:
         warnings.append(f"{len(unknown)} fused DiT modules kept under their original names (no diffusers "
-                        f"equivalent for this shape), e.g. {unknown[0]!r}")
+                        f"equivalent for this shape), e.g. {short(unknown[0])}")
     if trimmed:
         warnings.append(f"{len(set(trimmed))} fused modules have a block-diagonal B (kohya split_qkv or a "
-                        f"diffusers→kohya conversion), e.g. {trimmed[0]!r}: split exactly; scale kept as "
+                        f"diffusers→kohya conversion), e.g. {short(trimmed[0])}: split exactly; scale kept as "
                         "alpha/(total rank) as ComfyUI applies it (kohya-ss/sd-scripts#2204)")
     out.sort(key=lambda x: x.name)
     names = [x.name for x in out]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise BadAdapterError(path, f"module {dup!r} is present both fused and split")
+        raise BadAdapterError(path, f"module {short(dup)} is present both fused and split")
     return out
 
 

@@ -53,11 +53,15 @@ def _out(m: LoraModule) -> int:
 
 
 def infer_family(modules: list[LoraModule], meta: dict[str, str] | None = None,
-                 hints: set[str] | None = None) -> str:
+                 hints: set[str] | None = None, notes: list[str] | None = None) -> str:
     """``sd1``/``sd2``/``sdxl``/``sd3``/``flux``/``minilm``/``bert-h{H}``/``llama-h{H}``/… for ``modules``.
 
-    ``hints`` are facts the parser saw that names lose (``"kohya-te1"``: a ``lora_te1_`` prefix, SDXL/SD3).
+    ``hints`` are facts the parser saw that names lose (``"kohya-te1"``: a ``lora_te1_`` prefix, which
+    kohya writes for SDXL but diffusers' ``convert_state_dict_to_kohya`` also writes for SD1.5, so it only
+    breaks a tie). When the modules fit more than one base model a sentence saying so is appended to
+    ``notes``.
     """
+    notes = notes if notes is not None else []
     fam = family_from_metadata(meta or {})
     if fam and fam != "sd3":
         return fam
@@ -78,7 +82,7 @@ def infer_family(modules: list[LoraModule], meta: dict[str, str] | None = None,
     te = [m for m in modules if m.name.startswith("text_encoder")]
     dit = [m for m in modules if m.name.startswith("transformer.transformer_blocks.")]
     if unet or te:
-        return _sd_family(unet, te, hints)
+        return _sd_family(unet, te, hints, notes)
     if dit:
         hidden = Counter(_out(m) for m in dit if m.name.endswith((".to_q", ".to_k", ".to_v"))).most_common(1)
         h = hidden[0][0] if hidden else Counter(_in(m) for m in dit).most_common(1)[0][0]
@@ -149,16 +153,32 @@ def _fits(layout, m: LoraModule) -> bool:
     return _out(m) in (width, 8 * width)
 
 
-def _sd_family(unet: list[LoraModule], te: list[LoraModule], hints: set[str]) -> str:
-    # cross-attention context width: 768 SD1, 1024 SD2, 2048 SDXL (InvokeAI lora_token_vector_length)
-    for m in unet:
+def _sd_family(unet: list[LoraModule], te: list[LoraModule], hints: set[str], notes: list[str]) -> str:
+    """The UNet decides first (cross-attention width, else its block layout); the text encoders only
+    narrow what the UNet leaves open. A file with CLIP-L modules only is ambiguous: SD1.x's text encoder
+    and SDXL's first one are the same model."""
+    for m in unet:   # cross-attention context width: 768 SD1, 1024 SD2, 2048 SDXL (InvokeAI lora_token_vector_length)
         if re.search(r"\.attn2\.(to_k|to_v)$", m.name):
             return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(_in(m), f"sd-ctx{_in(m)}")
-    if any(m.name.startswith("text_encoder_2.") for m in te) or "kohya-te1" in hints:
-        return "sdxl"
-    for m in te:   # CLIP-L (SD1) is 768 wide, OpenCLIP-H (SD2) 1024
-        w = _in(m) if m.name.endswith(("q_proj", "k_proj", "v_proj", "fc1")) else _out(m)
-        return {768: "sd1", 1024: "sd2"}.get(w, f"sd-te{w}")
-    # no cross-attention key and no text encoder: the UNet block layout (widths, where attention is)
-    fits = [fam for fam, layout in _LAYOUTS.items() if all(_fits(layout, m) for m in unet)]
-    return fits[0] if fits else "sd-unet"
+    cands = [fam for fam, layout in _LAYOUTS.items() if all(_fits(layout, m) for m in unet)] if unet else None
+    if unet and not cands:
+        return "sd-unet"
+    te_fams = None
+    if any(m.name.startswith("text_encoder_2.") for m in te):
+        te_fams = ["sdxl"]
+    else:
+        for m in te:   # CLIP-L (SD1, SDXL's first encoder) is 768 wide, OpenCLIP-H (SD2) 1024
+            w = _in(m) if m.name.endswith(("q_proj", "k_proj", "v_proj", "fc1")) else _out(m)
+            te_fams = {768: ["sd1", "sdxl"], 1024: ["sd2"]}.get(w, [f"sd-te{w}"])
+            break
+    if cands is None:          # text encoders only
+        fams = te_fams or ["sd-te"]
+    else:
+        fams = [f for f in cands if te_fams is None or f in te_fams] or cands
+    if "kohya-te1" in hints and "sdxl" in fams:    # only breaks a tie: kohya names SDXL's encoders te1/te2
+        fams = ["sdxl"] + [f for f in fams if f != "sdxl"]
+    if len(fams) > 1:
+        notes.append(f"family ambiguous: the adapted modules fit {' and '.join(fams)} "
+                     f"({'text encoder only' if not unet else 'no layer that tells them apart'}); "
+                     f"read as {fams[0]}")
+    return fams[0]

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from .dit import KOHYA_TOP, known_bfl, known_dit, xlabs_to_bfl
-from .names import diffusers_from_sgm, kohya_to_normalized, normalize_path
+from .names import diffusers_from_sgm, kohya_to_normalized, normalize_path, table_names
 
 # role: A / B / mid / alpha / embA / embB / dora / bias
 _SUFFIXES = (
@@ -49,8 +49,8 @@ _XLABS_KEY = re.compile(r"^((?:[\w.]*\.)?(?:double|single)_blocks\.\d+\.processo
 _FOREIGN = (
     (re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), "LoHa (Hadamard product, rank up to r^2)"),
     (re.compile(r"\.lokr_(w[12](_[ab])?|t2)$"), "LoKr (Kronecker product)"),
-    (re.compile(r"\.oft_(blocks|R)$"), "OFT/BOFT (orthogonal, multiplicative)"),
-    (re.compile(r"\.(boft_R|boft_s)$"), "BOFT (orthogonal, multiplicative)"),
+    (re.compile(r"\.oft_(blocks|R|s)(\.weight)?$"), "OFT/BOFT (orthogonal, multiplicative)"),    # peft ≥0.15: oft_R.weight
+    (re.compile(r"\.(boft_R|boft_s)(\.weight)?$"), "BOFT (orthogonal, multiplicative)"),
     (re.compile(r"\.(a1|a2|b1|b2|bm)\.weight$"), "GLoRA"),
     (re.compile(r"\.diff(_b)?$"), "full/diff (dense weight delta)"),
     (re.compile(r"\.(w_norm|b_norm)$"), "norm (normalization-layer delta)"),
@@ -101,10 +101,38 @@ _OLD_PROC = re.compile(r"\.(attn[12]|self_attn)\.(?:processor\.)?(to_q|to_k|to_v
 _OLD_TE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+# transformers ≥ 5 dropped CLIPTextModel's ``text_model.`` level: diffusers now writes
+# ``text_encoder.encoder.layers.0…`` where older files and kohya have ``text_encoder.text_model.encoder…``
+_CLIP_V5 = re.compile(r"^(text_encoder(?:_2)?)\.(?=(?:encoder\.layers\.\d|embeddings\.(?:token|position)_embedding\b|final_layer_norm))")
+# a BERT-style encoder (MiniLM, BERT …) under kohya's text-encoder prefix: the model's own path, no component
+_BERT_PATH = re.compile(r"^text_encoder\.(?=(?:encoder\.layer\.\d+|embeddings|pooler)\.)")
+_BERT_KNOWN = re.compile(r"^(encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
+                         r"intermediate\.dense|output\.dense)|embeddings\.(word|position|token_type)_embeddings|"
+                         r"pooler\.dense)$")
+# DiffSynth-Studio writes Flux (diffusers names) without the ``transformer.`` component
+_BARE_DIT = re.compile(r"^((single_)?transformer_blocks\.\d+\.|x_embedder$|context_embedder$|time_text_embed\.|"
+                       r"norm_out\.linear$)")
+
+
 def normalize_stem(stem: str, layout: str) -> tuple[str, str]:
     """File stem → (normalized module name, naming scheme). The scheme is ``kohya`` (or
     ``kohya-heuristic`` when no architecture table knew the name), ``peft`` (``base_model.model.``),
-    ``diffusers`` (component prefix), ``attn-procs`` or ``plain``."""
+    ``diffusers`` (component prefix), ``attn-procs`` or ``plain``. One module gets one name whichever
+    producer (and library version) wrote it; see :data:`_CLIP_V5`, :data:`_BERT_PATH`, :data:`_BARE_DIT`."""
+    name, scheme = _normalize_stem(stem, layout)
+    clip = _CLIP_V5.sub(r"\1.text_model.", name)
+    if clip != name:
+        name = clip
+        if scheme == "kohya-heuristic" and name in table_names():
+            scheme = "kohya"      # a transformers-5 name of a module the tables know
+    if _BERT_PATH.match(name):
+        name = name[len("text_encoder."):]
+        if scheme == "kohya-heuristic" and _BERT_KNOWN.match(name):
+            scheme = "kohya"      # BERT's path grammar is unambiguous once split: not a guess
+    return name, scheme
+
+
+def _normalize_stem(stem: str, layout: str) -> tuple[str, str]:
     if layout == "diffusers-old":
         m = _OLD_PROC.search(stem)
         if m:
@@ -147,4 +175,6 @@ def normalize_stem(stem: str, layout: str) -> tuple[str, str]:
         return f"unet.{stem}", (scheme if scheme == "peft" else "attn-procs")
     if stem.startswith("text_model."):        # PEFT on a bare CLIPTextModel
         return f"text_encoder.{stem}", scheme
+    if _BARE_DIT.match(stem):
+        return f"transformer.{stem}", scheme
     return normalize_path(stem), scheme

@@ -68,6 +68,11 @@ def _words() -> frozenset[str]:
     return frozenset(words)
 
 
+@lru_cache(maxsize=None)
+def _longest_word() -> int:
+    return max(w.count("_") + 1 for w in _words())
+
+
 def heuristic_dots(underscored: str) -> str:
     """Turn ``a_b_c`` back into a dotted path by greedy longest match against known path words.
 
@@ -77,9 +82,10 @@ def heuristic_dots(underscored: str) -> str:
     """
     pieces = underscored.split("_")
     words = _words()
+    longest = _longest_word()
     out, i = [], 0
-    while i < len(pieces):
-        for j in range(len(pieces), i + 1, -1):
+    while i < len(pieces):      # a compound word has at most `longest` pieces: O(len · longest), never O(len²)
+        for j in range(min(len(pieces), i + longest), i + 1, -1):
             cand = "_".join(pieces[i:j])
             if cand in words:
                 out.append(cand)
@@ -224,6 +230,12 @@ def _kohya_lookup() -> dict[tuple[str, str], str]:
     return table
 
 
+@lru_cache(maxsize=None)
+def table_names() -> frozenset[str]:
+    """Every normalized module name the architecture tables know."""
+    return frozenset(name for arch in ARCHS for name, _ in arch_table(arch)["modules"] + arch_table(arch)["conv"])
+
+
 def kohya_to_normalized(module: str) -> tuple[str, bool, str]:
     """kohya module name → (normalized name, found in a table?, kohya prefix used)."""
     for prefix, comp in KOHYA_PREFIXES:
@@ -247,7 +259,7 @@ def kohya_to_normalized(module: str) -> tuple[str, bool, str]:
 # ---- wrappers -----------------------------------------------------------------------------------
 _TASK_WRAPPER = re.compile(
     r"^(?:bert|roberta|distilbert|deberta|electra|albert|mpnet|xlm_roberta|camembert|auto_model|"
-    r"0\.auto_model)\.(?=(?:encoder|embeddings|transformer|pooler)\.)")
+    r"0\.auto_model|0\.model)\.(?=(?:encoder|embeddings|transformer|pooler)\.)")    # sentence-transformers ≥ 6: 0.model.
 _LLM_WRAPPER = re.compile(r"^(?:model\.(?=layers\.\d)|model\.(?=decoder\.layers\.\d)|transformer\.(?=h\.\d)|"
                           r"model\.language_model\.(?=layers\.\d)|language_model\.model\.(?=layers\.\d))")
 

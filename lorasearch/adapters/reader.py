@@ -11,10 +11,9 @@ prefixed) → alpha = rank. ``ss_network_alpha`` is never used per module (it is
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import re
+import os
 import threading
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -27,18 +26,21 @@ from .family import infer_family
 from .dit import split_fused
 from .formats import classify, foreign_algorithm, foreign_stem, normalize_stem
 from .names import split_component
-from .safetensors_strict import SafetensorsFile, open_safetensors, refuse_sniffed, sniff
+from .patterns import AlphaConfig, truthy as _truthy
+from .safetensors_strict import (HEADER_CAP, SafetensorsFile, loads_limited, open_regular, open_safetensors,
+                                 read_head, refuse_sniffed, short, sniff)
 
 log = logging.getLogger("lorasearch.adapters")
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 CHUNK = 1 << 20
+MAX_FACTOR = 1 << 28        # values in one unfolded LoCon factor (1 GiB of float32); real ones are < 10^7
 _DORA_KEYS = (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".dora_scale")
 
 
 # ---- hashing ---------------------------------------------------------------------------------
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:      # never a FIFO/device: refused, not opened
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -70,7 +72,7 @@ def find_adapters(root) -> list[Path]:
     root = Path(root)
     if not root.exists():
         raise MissingError(f"{root}: no such file or folder")
-    if root.is_file():
+    if not root.is_dir():      # a file, or a FIFO/socket/device named like one: listed so the caller reports it
         return [root] if root.suffix.lower() in ADAPTER_SUFFIXES else []
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
@@ -97,7 +99,7 @@ def find_adapters(root) -> list[Path]:
             try:
                 if e.is_dir():
                     stack.append(e)
-                elif e.is_file() and e.suffix.lower() in ADAPTER_SUFFIXES:
+                elif e.suffix.lower() in ADAPTER_SUFFIXES and e.exists():     # FIFOs etc. too: reported, never opened
                     if not (is_peft and e.name.startswith("adapter_model.")):
                         found.append(e)
             except OSError:
@@ -112,7 +114,8 @@ def load_adapter(path, sha256: str | None = None, check_finite: bool = True) -> 
     ``sha256`` may be passed when the caller already hashed the file."""
     path = Path(path)
     if not path.exists():
-        raise MissingError(f"{path}: no such file or folder")
+        raise MissingError(f"{path}: " + ("a symlink whose target does not exist (or a symlink loop)"
+                                          if path.is_symlink() else "no such file or folder"))
     config = None
     if path.is_dir():
         config, weights = _peft_folder(path)
@@ -145,8 +148,7 @@ def load_adapter(path, sha256: str | None = None, check_finite: bool = True) -> 
 
 
 def _refuse_by_name(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(64)
+    head = read_head(path)     # refuses a FIFO/socket/device without opening it
     kind = sniff(head)
     if kind:
         raise refuse_sniffed(path, kind)
@@ -161,16 +163,25 @@ def _peft_folder(path: Path) -> tuple[dict, Path]:
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise BadAdapterError(path, "folder has no adapter_config.json (not a PEFT adapter folder)")
+    with os.fdopen(open_regular(cfg_path), "rb") as f:
+        raw = f.read(HEADER_CAP + 1)
+    if len(raw) > HEADER_CAP:
+        raise BadAdapterError(path, f"adapter_config.json is over {HEADER_CAP} bytes: not a PEFT config")
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadAdapterError(path, f"adapter_config.json is not valid JSON ({e})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadAdapterError(path, f"adapter_config.json is not valid JSON (not UTF-8 at byte {e.start})") from None
+    config = loads_limited(path, text, "adapter_config.json")
     if not isinstance(config, dict) or "peft_type" not in config:
         raise BadAdapterError(path, "adapter_config.json has no peft_type")
-    if str(config["peft_type"]).upper() != "LORA":
-        raise BadAdapterError(path, f"unsupported PEFT method peft_type={config['peft_type']!r}; "
+    peft_type = config["peft_type"]
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise BadAdapterError(path, f"unsupported PEFT method peft_type={short(peft_type)}; "
                                     "only LORA (ΔW = B·A) is supported")
+    AlphaConfig(path, config, "adapter_config.json")      # validate lora_alpha / patterns before any tensor
     weights = path / "adapter_model.safetensors"
+    if weights.exists() and not weights.is_file():
+        os.close(open_regular(weights))       # raises: a FIFO/device/folder named adapter_model.safetensors
     if not weights.is_file():
         for name in ("adapter_model.bin", "adapter_model.pt"):
             if (path / name).is_file():
@@ -180,41 +191,16 @@ def _peft_folder(path: Path) -> tuple[dict, Path]:
     return config, weights
 
 
-def _pattern_value(patterns: dict, key: str, default):
-    """PEFT's rule: the first pattern (dict order) with ``re.match(rf"(.*\\.)?({p})$", key)`` wins."""
-    for p, v in (patterns or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({p})$", key):
-                return v
-        except re.error:
-            if key == p or key.endswith("." + p):
-                return v
-    return default
-
-
-def _diffusers_meta(meta: dict[str, str]) -> dict | None:
+def _diffusers_meta(path, meta: dict[str, str], warnings: list[str]) -> dict | None:
     raw = meta.get("lora_adapter_metadata")
     if not raw:
         return None
     try:
-        d = json.loads(raw)
-    except ValueError:
+        d = loads_limited(path, raw, "lora_adapter_metadata")
+    except BadAdapterError as e:
+        warnings.append(f"{e.reason}; ignored (alpha = rank assumed where no .alpha tensor says otherwise)")
         return None
     return d if isinstance(d, dict) else None
-
-
-def _truthy(v) -> bool:
-    """JSON booleans, or the strings some tools write ("true", "False", "1")."""
-    if isinstance(v, str):
-        return v.strip().lower() in ("true", "1", "yes")
-    return bool(v)
-
-
-def _config_alpha(cfg: dict, key: str, r: int) -> tuple[float, float]:
-    """(alpha, scale) from a PEFT-style config for module ``key`` of rank ``r``."""
-    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, key, cfg.get("lora_alpha", 8)))
-    scale = alpha / math.sqrt(r) if _truthy(cfg.get("use_rslora")) else alpha / r
-    return alpha, scale
 
 
 def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None, sha256: str,
@@ -247,8 +233,8 @@ def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None
         if part.stem.startswith(("lora_te1_", "lora_te2_")):
             hints.add("kohya-te1")
         if part.role in groups[name]:
-            raise BadAdapterError(path, f"module {name!r} has two {part.role} tensors "
-                                        f"({groups[name][part.role]!r} and {k!r})")
+            raise BadAdapterError(path, f"module {short(name)} has two {part.role} tensors "
+                                        f"({short(groups[name][part.role])} and {short(k)})")
         groups[name][part.role] = k
         stem = part.stem[len("base_model.model."):] if part.stem.startswith("base_model.model.") else part.stem
         raw_path.setdefault(name, stem)
@@ -273,27 +259,28 @@ def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None
     if not real:
         if unknown:
             raise BadAdapterError(path, f"no LoRA tensors: {len(unknown)} tensors, none named like a LoRA "
-                                        f"factor (e.g. {unknown[0]!r})")
+                                        f"factor (e.g. {short(unknown[0])})")
         raise BadAdapterError(path, "no LoRA tensors (only alpha scalars)")
     orphans = [(n, r) for n, r in real.items()
                if not ({"A", "B"} <= set(r) or {"embA", "embB"} <= set(r))]
     if orphans:
         n, r = orphans[0]
         have = sorted(set(r) - {"alpha"})
-        raise BadAdapterError(path, f"{len(orphans)} modules miss a LoRA half, e.g. {n!r} has only "
-                                    f"{', '.join(have)} ({r[have[0]]!r})")
+        raise BadAdapterError(path, f"{len(orphans)} modules miss a LoRA half, e.g. {short(n)} has only "
+                                    f"{', '.join(have)} ({short(r[have[0]])})")
     stray_alpha = [r["alpha"] for n, r in groups.items() if n not in real]
     unknown.extend(stray_alpha)
 
     if fmt is None:
         fmt = _format_name(layouts, schemes)
-    meta_cfg = _diffusers_meta(st.metadata)
+    meta_cfg = _diffusers_meta(path, st.metadata, warnings)
+    alpha_src = _AlphaSources(path, config, meta_cfg)
     modules = []
     for name in sorted(real):
-        modules.append(_module(path, st, name, real[name], raw_path[name], config, meta_cfg, check_finite))
+        modules.append(_module(path, st, name, real[name], raw_path[name], alpha_src, check_finite))
     other = [k for k in unknown if not k.endswith(_DORA_KEYS)]     # DoRA has its own warning above
     if other:
-        shown = ", ".join(repr(k) for k in other[:3])
+        shown = ", ".join(short(k) for k in other[:3])
         warnings.append(f"{len(other)} keys are not LoRA factors and were not used: {shown}"
                         + (" …" if len(other) > 3 else ""))
     if config:
@@ -305,20 +292,23 @@ def _parse(path: Path, st: SafetensorsFile, fmt: str | None, config: dict | None
     guessed &= set(real)
     if guessed:
         warnings.append(f"{len(guessed)} kohya module names are in no architecture table; their dots were "
-                        f"restored by heuristic (e.g. {min(guessed)!r})")
-    if config is None and schemes.get("peft") and not any("alpha" in r for r in real.values()) \
-            and meta_cfg is None:
+                        f"restored by heuristic (e.g. {short(min(guessed))})")
+    scale_known = not (config is None and schemes.get("peft") and not any("alpha" in r for r in real.values())
+                       and meta_cfg is None)
+    if not scale_known:
         warnings.append("PEFT weights without adapter_config.json and without alpha: alpha = rank assumed "
                         "(scale 1.0); put adapter_config.json next to the file for the trained scale")
     trig = trigger_words(st.metadata)
-    family = infer_family(modules, st.metadata, hints)
+    ambiguous: list[str] = []
+    family = infer_family(modules, st.metadata, hints, ambiguous)
     if family in ("flux", "sd3", "sd3.5-large"):
         modules = split_fused(path, modules, warnings)
     for w in warnings:
         log.warning("%s: %s", path, w)
     return LoraAdapter(path=str(path), format=fmt, sha256=sha256, family=family, modules=modules, size=size,
                        metadata=dict(st.metadata), config=config, trigger_words=trig,
-                       unknown_keys=sorted(unknown), warnings=warnings)
+                       unknown_keys=sorted(unknown), warnings=warnings, scale_known=bool(scale_known),
+                       family_note=ambiguous[0] if ambiguous else None)
 
 
 def _format_name(layouts: Counter, schemes: Counter) -> str:
@@ -335,7 +325,7 @@ def _format_name(layouts: Counter, schemes: Counter) -> str:
     return "peft-file" if scheme == "plain" else "diffusers"
 
 
-def _module(path, st: SafetensorsFile, name: str, roles: dict, raw: str, config, meta_cfg,
+def _module(path, st: SafetensorsFile, name: str, roles: dict, raw: str, alpha_src: "_AlphaSources",
             check_finite: bool) -> LoraModule:
     emb = "embA" in roles
     A = st.array(roles["embA" if emb else "A"])
@@ -344,24 +334,28 @@ def _module(path, st: SafetensorsFile, name: str, roles: dict, raw: str, config,
     if emb:   # ΔW[num_embeddings, dim] = (B @ A)ᵀ
         A, B = B.T.copy(), A.T.copy()
     if A.ndim not in (2, 4) or B.ndim not in (2, 4):
-        raise BadAdapterError(path, f"module {name!r}: factors must be 2-D or 4-D, got A {A.shape} and B {B.shape}")
+        raise BadAdapterError(path, f"module {short(name)}: factors must be 2-D or 4-D, got A {A.shape} and B {B.shape}")
     if "mid" in roles:   # LoCon Tucker: A'[a,i,h,w] = Σ_b mid[a,b,h,w]·down[b,i]
         mid = st.array(roles["mid"])
         if A.ndim != 4 or mid.ndim != 4 or mid.shape[1] != A.shape[0] or A.shape[2:] != (1, 1):
-            raise BadAdapterError(path, f"module {name!r}: lora_mid {mid.shape} does not fit lora_down {A.shape}")
+            raise BadAdapterError(path, f"module {short(name)}: lora_mid {mid.shape} does not fit lora_down {A.shape}")
+        out_size = mid.shape[0] * A.shape[1] * mid.shape[2] * mid.shape[3]
+        if max(mid.shape[2:]) > 16 or out_size > MAX_FACTOR:    # the product of two small tensors can be huge
+            raise BadAdapterError(path, f"module {short(name)}: lora_mid {mid.shape} with lora_down {A.shape} "
+                                        f"gives a {out_size}-value factor (kernel ≤ 16, ≤ {MAX_FACTOR} values)")
         A = np.einsum("abhw,bi->aihw", mid, A[:, :, 0, 0], optimize=True).astype(np.float32)
     r = A.shape[0]
     rb = B.shape[1]
     if r != rb:
-        raise BadAdapterError(path, f"rank mismatch in module {name!r}: A has r={r} (shape {tuple(A.shape)}) "
+        raise BadAdapterError(path, f"rank mismatch in module {short(name)}: A has r={r} (shape {tuple(A.shape)}) "
                                     f"but B has {rb} (shape {tuple(B.shape)})")
     if r == 0:
-        raise BadAdapterError(path, f"module {name!r} has rank 0")
+        raise BadAdapterError(path, f"module {short(name)} has rank 0")
     if B.ndim == 4 and B.shape[2:] != (1, 1):
-        raise BadAdapterError(path, f"module {name!r}: conv lora_up must be 1x1, got {tuple(B.shape)}")
+        raise BadAdapterError(path, f"module {short(name)}: conv lora_up must be 1x1, got {tuple(B.shape)}")
     shape = (B.shape[0],) + tuple(A.shape[1:]) if A.ndim == 4 else (B.shape[0], A.shape[1])
     if 0 in shape:
-        raise BadAdapterError(path, f"module {name!r} adapts an empty weight (shape {shape})")
+        raise BadAdapterError(path, f"module {short(name)} adapts an empty weight (shape {shape})")
     A2 = A.reshape(r, -1)
     B2 = B.reshape(B.shape[0], r)
     if check_finite:
@@ -372,38 +366,65 @@ def _module(path, st: SafetensorsFile, name: str, roles: dict, raw: str, config,
             if not ok:
                 bad = int(x.size - np.isfinite(x).sum())
                 if bad:
-                    raise BadAdapterError(path, f"module {name!r}: {part} has {bad} NaN/Inf values of {x.size}")
+                    raise BadAdapterError(path, f"module {short(name)}: {part} has {bad} NaN/Inf values of {x.size}")
                 # finite, but squares overflow float32: ΔW and every similarity would be Inf/NaN
-                raise BadAdapterError(path, f"module {name!r}: {part} values are too large to compare "
+                raise BadAdapterError(path, f"module {short(name)}: {part} values are too large to compare "
                                             f"(max |x| = {float(np.abs(x).max()):.3g})")
-    alpha, scale = _alpha(path, st, name, roles, raw, r, config, meta_cfg)
+    alpha, scale = _alpha(path, st, name, roles, raw, r, alpha_src)
     return LoraModule(name=name, A=np.ascontiguousarray(A2), B=np.ascontiguousarray(B2), scale=scale,
                       dtype=dtype, shape=tuple(int(s) for s in shape), alpha=alpha)
 
 
-def _alpha(path, st, name, roles, raw, r, config, meta_cfg) -> tuple[float, float]:
+class _AlphaSources:
+    """The PEFT config and the per-component configs of diffusers' ``lora_adapter_metadata``, validated
+    once (a bad value refuses the file whichever modules it has)."""
+
+    def __init__(self, path, config: dict | None, meta_cfg: dict | None):
+        self.path, self.meta = path, meta_cfg
+        self.config = AlphaConfig(path, config, "adapter_config.json") if config is not None else None
+        self._by_comp: dict[str, tuple[AlphaConfig | None, bool]] = {}
+        if meta_cfg is not None:
+            self.flat = not any(k.split(".")[0] in ("unet", "text_encoder", "text_encoder_2", "transformer")
+                                for k in meta_cfg)
+            for comp in ("", "unet", "text_encoder", "text_encoder_2", "transformer", "text_encoder_3", "prior"):
+                self._component(comp)
+
+    def _component(self, comp: str) -> tuple[AlphaConfig | None, bool]:
+        """(config for ``comp``, whether module paths are matched without the component prefix)."""
+        if comp not in self._by_comp:
+            pre = f"{comp}." if comp else ""
+            cfg = {k[len(pre):]: v for k, v in self.meta.items() if k.startswith(pre)} if pre else {}
+            stripped = True
+            if not cfg and self.flat:
+                cfg, stripped = self.meta, False
+            use = "lora_alpha" in cfg or "alpha_pattern" in cfg
+            self._by_comp[comp] = (AlphaConfig(self.path, cfg, "lora_adapter_metadata") if use else None, stripped)
+        return self._by_comp[comp]
+
+    def lookup(self, name: str, raw: str, r: int) -> tuple[float, float] | None:
+        if self.config is not None:
+            return self.config.alpha_scale(raw, r)
+        if self.meta is not None:
+            comp, sub = split_component(name)
+            cfg, stripped = self._component(comp)
+            if cfg is not None:
+                return cfg.alpha_scale(sub if stripped else raw, r)
+        return None
+
+
+def _alpha(path, st, name, roles, raw, r, alpha_src: _AlphaSources) -> tuple[float, float]:
     if "alpha" in roles:
         a = st.array(roles["alpha"])
         if a.size != 1:
-            raise BadAdapterError(path, f"module {name!r}: alpha must be a scalar, got shape {tuple(a.shape)}")
+            raise BadAdapterError(path, f"module {short(name)}: alpha must be a scalar, got shape {tuple(a.shape)}")
         alpha = float(a.reshape(()))
         if not math.isfinite(alpha):
-            raise BadAdapterError(path, f"module {name!r}: alpha is {alpha}")
+            raise BadAdapterError(path, f"module {short(name)}: alpha is {alpha} (as float32)")
         if alpha == 0:      # kohya: alpha 0 / None means alpha = rank
             alpha = float(r)
         return alpha, alpha / r
-    if config is not None:
-        return _config_alpha(config, raw, r)
-    if meta_cfg is not None:
-        comp, sub = split_component(name)
-        pre = f"{comp}." if comp else ""
-        cfg = {k[len(pre):]: v for k, v in meta_cfg.items() if k.startswith(pre)} if pre else {}
-        if not cfg and not any(k.split(".")[0] in ("unet", "text_encoder", "text_encoder_2", "transformer")
-                               for k in meta_cfg):
-            cfg, sub = meta_cfg, raw
-        if "lora_alpha" in cfg or "alpha_pattern" in cfg:
-            return _config_alpha(cfg, sub, r)
-    return float(r), 1.0
+    hit = alpha_src.lookup(name, raw, r)
+    return hit if hit is not None else (float(r), 1.0)
 
 
 # ---- metadata ----------------------------------------------------------------------------------
@@ -415,19 +436,20 @@ def trigger_words(meta: dict[str, str], top: int = 10) -> list[str]:
         words.extend(w.strip() for w in phrase.split(",") if w.strip())
     raw = meta.get("ss_tag_frequency")
     if raw:
-        try:
-            freq = json.loads(raw)
-        except ValueError:
+        try:       # kohya metadata is informative: a broken value loses the trigger words, not the file
+            freq = loads_limited("", raw, "ss_tag_frequency")
+        except BadAdapterError:
             freq = None
         counts: Counter = Counter()
         if isinstance(freq, dict):
             for tags in freq.values():
                 if isinstance(tags, dict):
                     for tag, n in tags.items():
-                        try:
+                        # JSON 1e400 / Infinity parse as float inf, 1000…0 as an int too big for a float
+                        if isinstance(n, (int, float)) and not isinstance(n, bool) and abs(n) < 10 ** 15:
                             counts[str(tag).strip()] += int(n)
-                        except (TypeError, ValueError):
-                            pass
+                        elif isinstance(n, str) and n.strip().isascii() and n.strip().isdigit() and len(n) < 16:
+                            counts[str(tag).strip()] += int(n)
         for tag, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0])):
             if tag and tag not in words and len(words) < top:
                 words.append(tag)
@@ -453,6 +475,8 @@ def describe(adapter: LoraAdapter, modules: bool = True) -> dict:
         "params": int(sum(m.A.size + m.B.size for m in adapter.modules)),
         "components": dict(comps),
         "dtypes": dict(Counter(m.dtype for m in adapter.modules)),
+        "scale_known": adapter.scale_known,
+        "family_note": adapter.family_note,
         "modules": None if not modules else [
             {"name": m.name, "shape": list(m.shape), "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
              "dtype": m.dtype} for m in adapter.modules],
