@@ -76,12 +76,19 @@ def test_index_query_json_contract_and_match_kinds(tmp_path, gallery):
     assert out["results"][1]["match"] == "similar" and out["results"][1]["score"] < 0.5
 
     # a scaled copy is not the same update (cosine 1, twice the norm)
-    ad2 = random_adapter("minilm", rank=8, seed=3, targets=r"attention\.self\.(query|value)$")
+    # (against ad2, a PEFT folder: both scales known)
+    ad2 = random_adapter("minilm", rank=4, seed=2, targets=r"attention\.self\.(query|value)$")
     for m in ad2.modules:
         m.B = m.B * 2
+    write_adapter(ad2, tmp_path / "scaled", "peft", dtype="F32")   # a PEFT folder: its scale is known
+    out = json.loads(run(idx, "query", tmp_path / "scaled", "-k", "1", "--json").stdout)
+    assert out["results"][0]["match"] == "similar" and out["results"][0]["score"] > 0.999
+    assert out["results"][0]["path"].endswith("ad2")
+    # the same factors as a bare PEFT file (no config: alpha unknown) — equal direction is reported
+    # as the same adapter, flagged scale_known: false (issue 7)
     write_adapter(ad2, tmp_path / "scaled.safetensors", "peft-file", dtype="F32")
     out = json.loads(run(idx, "query", tmp_path / "scaled.safetensors", "-k", "1", "--json").stdout)
-    assert out["results"][0]["match"] == "similar" and out["results"][0]["score"] > 0.999
+    assert out["results"][0]["match"] == "same-update" and out["results"][0]["scale_known"] is False
 
     # threshold drops weak results
     out = json.loads(run(idx, "query", q, "-k", "5", "--threshold", "0.9", "--json").stdout)
