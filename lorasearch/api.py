@@ -89,16 +89,18 @@ class Lorasearch:
     def __init__(self, index_path: str | os.PathLike | None = None, encoder: str | None = None,
                  device: str = "auto", create: bool = False, readonly: bool = False,
                  lock_timeout: float = 0.0, faiss_factory: str | None = None,
-                 nprobe: int | None = None, ef_search: int | None = None):
+                 nprobe: int | None = None, ef_search: int | None = None, store: str | None = None,
+                 milvus_uri: str | None = None, milvus_index: str | None = None):
         """``faiss_factory`` (e.g. ``"IVF1024,Flat"``, ``"HNSW32"``) is fixed when the index is
-        created (default: exact Flat); ``nprobe`` / ``ef_search`` tune approximate search."""
-        from lorasearch.indexer import LoraIndex
+        created (default: exact Flat); ``nprobe`` / ``ef_search`` tune approximate search.
+        ``store`` (faiss|milvus), ``milvus_uri``, ``milvus_index``: see ``indexer.open_store``."""
+        from lorasearch.indexer import open_store
 
         self.path = Path(index_path) if index_path is not None else default_index_path()
         self.device = device
-        self.index = LoraIndex.open(self.path, create=create, readonly=readonly, device=device,
-                                    lock_timeout=lock_timeout, factory=faiss_factory,
-                                    nprobe=nprobe, ef_search=ef_search)
+        self.index = open_store(self.path, store=store, milvus_uri=milvus_uri, create=create, readonly=readonly,
+                                device=device, lock_timeout=lock_timeout, factory=faiss_factory,
+                                nprobe=nprobe, ef_search=ef_search, milvus_index=milvus_index)
         self._encoder_spec = encoder
         self._encoder = None
 
@@ -313,7 +315,15 @@ class Lorasearch:
         self.index.check_encoder(enc.spec, enc.version, enc.dim)
         for (rec, _a, _o), v, n in zip(pending, vecs, norms):
             rec["embedding"], rec["delta_norm"] = v, n
-        self.index.upsert([rec for rec, _a, _o in pending])
+        try:
+            self.index.upsert([rec for rec, _a, _o in pending])
+        except BadAdapterError as e:     # a store refused a record (e.g. a path over Milvus's limit)
+            if len(pending) == 1:
+                report.errors.append((pending[0][0]["path"], str(e)))
+            else:                        # validated before anything was written: retry one by one
+                for item in pending:
+                    self._flush([item], report)
+            return
         for rec, _a, was_indexed in pending:           # acknowledged: the transaction committed
             (report.updated if was_indexed else report.added).append(rec["path"])
 
@@ -368,8 +378,9 @@ class Lorasearch:
         budget = RERANK_BYTES if rerank is None else None   # an explicit --rerank N has no budget
         hits = self.index.search(qvec, adapter.family, max(k, n_rerank))[0] if recorded else []
         results, to_score = [], []
+        found = self.index.get_many([rid for rid, _s in hits])   # one round trip (a Milvus server is remote)
         for rank_pos, (rid, emb_score) in enumerate(hits):
-            rec = self.index.get(rid)
+            rec = found.get(rid)
             if rec is None:
                 continue
             item = {"id": rid, "path": rec["path"], "family": rec["family"], "format": rec["format"],

@@ -65,7 +65,9 @@ def _open(ctx, create=False, readonly=False, encoder=None, faiss_factory=None, n
 
     return Lorasearch(ctx.obj["index"], encoder=encoder, device=ctx.obj["device"],
                       create=create, readonly=readonly, lock_timeout=ctx.obj.get("lock_timeout", 0.0),
-                      faiss_factory=faiss_factory, nprobe=nprobe, ef_search=ef_search)
+                      faiss_factory=faiss_factory, nprobe=nprobe, ef_search=ef_search,
+                      store=ctx.obj.get("store"), milvus_uri=ctx.obj.get("milvus_uri"),
+                      milvus_index=ctx.obj.get("milvus_index"))
 
 
 def _factory_option(f):
@@ -82,8 +84,15 @@ def _factory_option(f):
               help="Where canonicalization and search run.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds a write waits for another writer before giving up (exit 75).")
+@click.option("--store", type=click.Choice(["faiss", "milvus"]), envvar="LORASEARCH_STORE", default=None,
+              help="Backend of a NEW index (or $LORASEARCH_STORE; default faiss); recorded in the index folder.")
+@click.option("--milvus-uri", metavar="URI", envvar="LORASEARCH_MILVUS_URI", default=None,
+              help="Milvus server (http://host:19530, token in $LORASEARCH_MILVUS_TOKEN) or a milvus-lite "
+                   "file (default INDEX/milvus.db); implies --store milvus.")
+@click.option("--milvus-index", type=click.Choice(["FLAT", "HNSW", "IVF_FLAT"], case_sensitive=False),
+              default=None, help="Milvus vector index of a NEW milvus index (default FLAT: exact).")
 @click.pass_context
-def cli(ctx, index_path, device, lock_timeout):
+def cli(ctx, index_path, device, lock_timeout, store, milvus_uri, milvus_index):
     """Search LoRA adapters by what their weights do.
 
     Results on stdout, notes and errors on stderr (one line each). With --json a command that
@@ -92,7 +101,8 @@ def cli(ctx, index_path, device, lock_timeout):
     Exit codes: 0 ok (also no results), 1 internal error, 2 usage, 65 bad adapter file,
     66 missing file or index, 69 backend/GPU unavailable, 75 index locked, 130 interrupted."""
     ctx.ensure_object(dict)
-    ctx.obj.update(index=index_path, device=device, lock_timeout=lock_timeout)
+    ctx.obj.update(index=index_path, device=device, lock_timeout=lock_timeout, store=store,
+                   milvus_uri=milvus_uri, milvus_index=milvus_index and milvus_index.upper())
 
 
 def _must_exist(path: Path) -> None:
