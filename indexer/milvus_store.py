@@ -90,10 +90,20 @@ def _quiet_pymilvus() -> None:
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 
+def _served_here(uri: str) -> bool:
+    """Whether this process already serves ``uri`` (milvus-lite keeps one in-process server per
+    path and pymilvus reuses it: then the lock below is our own)."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+        return os.path.abspath(uri) in server_manager_instance._servers
+    except Exception:  # noqa: BLE001 -- a private attribute: if it moves, fall back to the lock test
+        return False
+
+
 def _lite_busy(uri: str, timeout: float) -> bool:
     """Whether another process holds milvus-lite's own lock on ``uri`` (waiting up to ``timeout``)."""
     lock = Path(uri) / "LOCK"
-    if not lock.is_file():
+    if not lock.is_file() or _served_here(uri):
         return False
     deadline = time.monotonic() + timeout
     fd = os.open(lock, os.O_RDONLY)

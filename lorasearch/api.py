@@ -28,6 +28,7 @@ DEFAULT_INDEX = ".lorasearch"
 RERANK_FACTOR, RERANK_MIN = 5, 50   # default re-ranking depth: max(5k, 50) candidates …
 RERANK_BYTES = 512 * 1024 * 1024    # … whose files add up to at most this many bytes
 EMBED_BATCH = 16
+TIE_MARGIN = 8                      # see query(): makes results independent of a store's tie order
 
 
 def default_index_path() -> Path:
@@ -376,7 +377,9 @@ class Lorasearch:
             self.index.check_encoder(enc.spec, enc.version, enc.dim)
         n_rerank = max(RERANK_FACTOR * k, RERANK_MIN) if rerank is None else rerank
         budget = RERANK_BYTES if rerank is None else None   # an explicit --rerank N has no budget
-        hits = self.index.search(qvec, adapter.family, max(k, n_rerank))[0] if recorded else []
+        # TIE_MARGIN extra candidates: equal scores (identical ΔW) cut at k by one backend's order
+        # and not another's would make results depend on the store; ties go to the smaller id below
+        hits = self.index.search(qvec, adapter.family, max(k, n_rerank) + TIE_MARGIN)[0] if recorded else []
         results, to_score = [], []
         found = self.index.get_many([rid for rid, _s in hits])   # one round trip (a Milvus server is remote)
         for rank_pos, (rid, emb_score) in enumerate(hits):
@@ -403,7 +406,8 @@ class Lorasearch:
         order = {"exact": 0, "same-update": 1, "similar": 2}
         qpath = str(adapter_root(path).resolve())
         # re-scored candidates rank above any left out by the re-ranking budget (as eval's SPEC+rerank@N)
-        results.sort(key=lambda r: (order[r["match"]], not r["reranked"], -r["score"], r["path"] != qpath))
+        results.sort(key=lambda r: (order[r["match"]], not r["reranked"], -round(r["score"], 6), r["path"] != qpath,
+                                    r["id"]))
         if threshold is not None:
             results = [r for r in results if r["score"] >= threshold]
         results = results[:k]
