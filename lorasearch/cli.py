@@ -124,21 +124,25 @@ def _report_errors(report) -> None:
 @click.option("--prune", is_flag=True, help="Also remove indexed adapters under DIR that no longer exist.")
 @_factory_option
 @click.option("--ray", "use_ray", is_flag=True, help="Read and encode on Ray workers (a local Ray unless an address is given).")
-@click.option("--ray-address", metavar="ADDR", envvar="RAY_ADDRESS", default=None,
+@click.option("--ray-address", metavar="ADDR", default=None,
               help="An existing Ray cluster (or $RAY_ADDRESS); used with --ray.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="CPUs of the local Ray started by --ray (default min(2, cores)).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
-def index(ctx, directory, encoder, prune, faiss_factory, use_ray, ray_address, as_json):
+def index(ctx, directory, encoder, prune, faiss_factory, use_ray, ray_address, ray_workers, as_json):
     """Index every adapter under DIRECTORY (recursive, incremental).
 
     Bad files are reported on stderr and skipped; the exit code is 0 unless every adapter
     found was refused (65). DIRECTORY may also be one adapter file or PEFT folder."""
     _must_exist(directory)
     ls = _open(ctx, create=True, encoder=encoder, faiss_factory=faiss_factory)
+    if (ray_address or ray_workers) and not use_ray:
+        raise UsageError("--ray-address/--ray-workers go with --ray")
     if use_ray:
         from lorasearch.indexer.ray_ingest import index_dir_ray
 
-        report = index_dir_ray(ls, directory, prune=prune, address=ray_address)
+        report = index_dir_ray(ls, directory, prune=prune, address=ray_address, num_cpus=ray_workers)
     else:
         report = ls.index_dir(directory, prune=prune)
     _report_errors(report)

@@ -182,6 +182,9 @@ def test_milvus_unavailable_is_exit_69(tmp_path):
         open_store(tmp_path / "m", milvus_uri=str(blocker / "x.db"), create=True)
     res = run(tmp_path / "m2", "--milvus-uri", str(blocker / "y.db"), "add", DEMO / "gallery" / "parity-01")
     assert res.exit_code == 69 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+    # a server that is not there (nothing listens on port 1): a reader needs no local folder, only the URI
+    res = run(tmp_path / "none", "--milvus-uri", "http://127.0.0.1:1", "query", DEMO / "gallery" / "parity-01")
+    assert res.exit_code == 69 and "unavailable" in res.stderr and not (tmp_path / "none").exists()
 
 
 def test_store_choice_recorded_and_mixing_refused(tmp_path, gallery):
