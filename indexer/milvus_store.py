@@ -61,6 +61,9 @@ MAX_TOPK = 16384           # Milvus's limit on k (and on one plain query's rows)
 HNSW_M, HNSW_EF_CONSTRUCTION, IVF_NLIST = 32, 200, 128
 DEFAULT_NPROBE, DEFAULT_EF = 16, 64
 CONNECT_TIMEOUT = 10.0
+# rows after which a long write session seals its segment: milvus-lite scans a growing segment
+# row by row (each upsert's path lookup grew linearly: 0.03 s at 1k rows, 2.8 s at 5k unsealed)
+SEAL_ROWS = 2048
 SCHEMA_VERSION = 1
 _JSON_FIELDS = ("ranks", "metadata", "info")
 _FINGERPRINT = ("id", "path", "size", "mtime_ns", "sha256", "family")
@@ -137,6 +140,7 @@ class MilvusStore:
         self.ef_search = ef_search
         self._lock = WriterLock(root / LOCK_FILE, label=str(root))
         self._lock_depth = 0
+        self._unsealed = 0                        # rows upserted since the last flush
         self._depth_writer = 0                    # nesting of writer() blocks: flush at the outermost exit
         self._mutex = threading.RLock()
         self._encoder: dict | None = None
@@ -368,6 +372,7 @@ class MilvusStore:
         if self.client is not None and self.client.has_collection(self.name):
             self.client.flush(self.name)
         self._wrote = False
+        self._unsealed = 0
 
     # -- writes -------------------------------------------------------------------------
     def _require_dim(self) -> int:
@@ -468,6 +473,9 @@ class MilvusStore:
                 ids.append(adapter_id)
             self.client.upsert(self.name, rows)
             self._wrote = True
+            self._unsealed += len(rows)
+            if self._unsealed >= SEAL_ROWS:
+                self.flush()
         return ids
 
     def remove(self, ids_or_paths) -> int:
