@@ -160,9 +160,12 @@ def plan(ls, paths: list[Path]):
 
 
 def _run(ls, ray, enc, work: list, report, batch_bytes: int, bar) -> None:
-    batches = _batches(work, batch_bytes)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # a small job still gets ~4 batches per CPU (one 64 MiB batch of small files would use one worker)
+    total = sum(int(item[1] or 0) for item in work)
+    batches = _batches(work, max(1, min(batch_bytes, total // (4 * cpus))))
     task = ray.remote(num_cpus=1, max_retries=1)(embed_batch)
-    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    window = 2 * cpus
     pending: list[tuple[list, object]] = []
     nxt = 0
     try:

@@ -2,7 +2,8 @@
 
     python -m lorasearch.eval.bench.bench_store latency --n 10000 100000
     python -m lorasearch.eval.bench.bench_store recall --n 10000
-    python -m lorasearch.eval.bench.bench_store gallery DIR --files 96     # then time `index` vs `index --ray`
+    python -m lorasearch.eval.bench.bench_store gallery DIR --files 96     # synthetic adapters to ingest
+    python -m lorasearch.eval.bench.bench_store ingest DIR --workers 1 2    # plain vs Ray, in process
 
 latency: the same synthetic vectors (a Gaussian mixture: 256 clusters, so neighbours exist as
 they do for real adapters; dim 1024 = the default sketch) in a faiss store and a milvus-lite
@@ -10,6 +11,8 @@ store, side by side in one process; upsert throughput and single-query search la
 median and p95 over the same queries) for each, and their ratio.
 recall: milvus HNSW / IVF_FLAT against exact search (FAISS flat over the same vectors): recall@10
 and latency per search-breadth setting.
+ingest: see ``ingest()``; whole-process timings of ``lorasearch index`` vs ``index --ray`` (Ray's
+start-up included) are taken from outside with a process timer (see eval/results/scale.md).
 """
 from __future__ import annotations
 
@@ -101,14 +104,63 @@ def recall(n: int, n_queries: int, root: Path) -> list[dict]:
     return out
 
 
-def gallery(root: Path, files: int) -> None:
-    """``files`` random minilm adapters (rank 8, q/k/v/dense of all 6 layers) to ingest."""
+def gallery(root: Path, files: int, family: str = "minilm") -> None:
+    """``files`` random adapters to ingest: minilm (rank 8, q/k/v/dense of all 6 layers, ~0.6 MB)
+    or sd15 (rank 8 on every attention projection, kohya file)."""
     from lorasearch.adapters.writers import random_adapter, write_adapter
 
     root.mkdir(parents=True, exist_ok=True)
     for i in range(files):
+        if family == "sd15":
+            ad = random_adapter("sd15", rank=8, seed=i, targets=r"attn[12]\.to_(q|k|v|out\.0)$")
+            write_adapter(ad, root / f"s{i:05d}.safetensors", "kohya", dtype="F16")
+            continue
         ad = random_adapter("minilm", rank=8, seed=i, targets=r"attention\.(self\.(query|key|value)|output\.dense)$")
         write_adapter(ad, root / f"a{i:05d}.safetensors", "peft-file", dtype="F32")
+
+
+def ingest(gallery_dir: Path, workers: list[int], root: Path) -> list[dict]:
+    """In-process ingest throughput of one gallery: plain ``index_dir`` vs ``index_dir_ray`` with
+    w local workers, each after a warm-up run (Ray started and its workers' imports done), so the
+    figures are steady-state throughput; Ray's start-up is reported on its own."""
+    import ray
+
+    from lorasearch.api import Lorasearch
+    from lorasearch.indexer.ray_ingest import index_dir_ray, start_ray
+
+    files = sorted(gallery_dir.glob("*.safetensors"))
+    mb = sum(p.stat().st_size for p in files) / 1e6
+    warm = root / "warm"
+    warm.mkdir()
+    for p in files[:8]:
+        (warm / p.name).symlink_to(p)
+
+    def once(tag, fn):
+        with Lorasearch(root / f"w{tag}", create=True) as ls:
+            fn(ls, warm)
+        with Lorasearch(root / tag, create=True) as ls:
+            t = time.perf_counter()
+            rep = fn(ls, gallery_dir)
+            return time.perf_counter() - t, len(rep.added)
+
+    out = []
+    sec, n = once("plain", lambda ls, d: ls.index_dir(d, progress=False))
+    base = {"mode": "single process", "files": n, "MB": round(mb, 1), "s": round(sec, 2),
+            "files_per_s": round(n / sec, 1), "MB_per_s": round(mb / sec, 1)}
+    print(json.dumps(base), flush=True)
+    out.append(base)
+    for w in workers:
+        t = time.perf_counter()
+        start_ray(num_cpus=w)
+        started = time.perf_counter() - t
+        sec, n = once(f"ray{w}", lambda ls, d: index_dir_ray(ls, d, progress=False))
+        ray.shutdown()
+        row = {"mode": f"ray, {w} worker(s)", "files": n, "MB": round(mb, 1), "s": round(sec, 2),
+               "files_per_s": round(n / sec, 1), "MB_per_s": round(mb / sec, 1),
+               "vs_single": round(base["s"] / sec, 2), "ray_start_s": round(started, 1)}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
 
 
 def main() -> None:
@@ -120,18 +172,24 @@ def main() -> None:
     b = sub.add_parser("recall")
     b.add_argument("--n", type=int, default=10_000)
     b.add_argument("--queries", type=int, default=200)
+    d = sub.add_parser("ingest")
+    d.add_argument("dir", type=Path)
+    d.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     c = sub.add_parser("gallery")
     c.add_argument("dir", type=Path)
     c.add_argument("--files", type=int, default=96)
+    c.add_argument("--family", choices=["minilm", "sd15"], default="minilm")
     args = ap.parse_args()
     print(json.dumps({"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
     if args.cmd == "gallery":
-        gallery(args.dir, args.files)
+        gallery(args.dir, args.files, args.family)
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.cmd == "latency":
             latency(args.n, args.queries, Path(tmp))
+        elif args.cmd == "ingest":
+            ingest(args.dir, args.workers, Path(tmp))
         else:
             recall(args.n, args.queries, Path(tmp))
 
