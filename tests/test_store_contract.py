@@ -354,6 +354,11 @@ def test_ray_ingest_equals_plain_index_and_resumes(idx, gallery, tmp_path, local
         assert str((gallery / "ad3.safetensors").resolve()) in rep.unchanged
         assert ray_ls.index.by_path(gallery / "ad3.safetensors")["mtime_ns"] == \
             (gallery / "ad3.safetensors").stat().st_mtime_ns
+        # the CLI: skipped files on stderr as without --ray; the Ray started above is reused
+        res = run(tmp_path / "cli", "index", "--ray", gallery, "--json")
+        assert res.exit_code == 0 and len(json.loads(res.stdout)["added"]) == 6
+        assert "truncated.safetensors" in res.stderr and "old.ckpt" in res.stderr
+        assert run(tmp_path / "cli", "index", "--ray-workers", "2", gallery).exit_code == 2
     finally:
         plain.close()
         ray_ls.close()
