@@ -169,14 +169,20 @@ def open_store(path: str | os.PathLike = ".lorasearch", store: str | None = None
         raise UsageError(f"{root}: exists and is not a directory")
     from .milvus_store import MilvusStore
 
-    ms = MilvusStore.open(root, uri=choice["uri"], collection=choice["collection"], create=create,
-                          readonly=readonly, lock_timeout=lock_timeout, index_type=milvus_index,
-                          nprobe=nprobe, ef_search=ef_search)
-    if create and not choice["recorded"] and not readonly:
+    # recorded BEFORE the Milvus side is created: a crash in between must not leave a milvus.db
+    # in a folder that a later command (no flags, no store.json) would take for a new faiss index
+    record = create and not choice["recorded"] and not readonly
+    if record:
         try:
             _write_config(root, {"version": CONFIG_VERSION, "store": "milvus", "uri": choice["uri"],
                                  "collection": choice["collection"]})
-        except BaseException:
-            ms.close()
-            raise
-    return ms
+        except OSError as e:
+            raise MissingError(f"{root}: cannot create an index here ({e.strerror or e})") from None
+    try:
+        return MilvusStore.open(root, uri=choice["uri"], collection=choice["collection"], create=create,
+                                readonly=readonly, lock_timeout=lock_timeout, index_type=milvus_index,
+                                nprobe=nprobe, ef_search=ef_search)
+    except BaseException:
+        if record:
+            (root / CONFIG_FILE).unlink(missing_ok=True)      # nothing was made: the choice is not made either
+        raise

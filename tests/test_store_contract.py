@@ -180,6 +180,7 @@ def test_milvus_unavailable_is_exit_69(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(UnavailableError, match="unavailable"):
         open_store(tmp_path / "m", milvus_uri=str(blocker / "x.db"), create=True)
+    assert not (tmp_path / "m" / CONFIG_FILE).exists()       # a failed creation records no choice
     res = run(tmp_path / "m2", "--milvus-uri", str(blocker / "y.db"), "add", DEMO / "gallery" / "parity-01")
     assert res.exit_code == 69 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
     # a server that is not there (nothing listens on port 1): a reader needs no local folder, only the URI
