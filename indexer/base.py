@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
@@ -92,7 +93,17 @@ def read_config(root: Path) -> dict | None:
         raise UsageError(f"{p}: unreadable store choice ({e}); fix or delete it") from None
     if not isinstance(cfg, dict) or cfg.get("store") not in STORES:
         raise UsageError(f"{p}: unknown store {cfg.get('store') if isinstance(cfg, dict) else cfg!r}")
+    if cfg["store"] == "milvus":
+        if not isinstance(cfg.get("uri"), str) or not cfg["uri"]:
+            raise UsageError(f"{p}: the milvus store needs a \"uri\" string")
+        check_collection(cfg.setdefault("collection", DEFAULT_COLLECTION), p)
     return cfg
+
+
+def check_collection(name, where) -> None:
+    """Milvus collection names: a letter or _, then letters, digits, _ (we add ``_meta``: <= 250)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,249}", name):
+        raise UsageError(f"{where}: {name!r} is not a Milvus collection name (letters, digits, _)")
 
 
 def _write_config(root: Path, cfg: dict) -> None:
@@ -129,6 +140,8 @@ def resolve_choice(root: Path, store: str | None = None, milvus_uri: str | None 
         return {"store": cfg["store"], "uri": cfg.get("uri"),
                 "collection": cfg.get("collection", DEFAULT_COLLECTION), "recorded": True}
     store = store or "faiss"
+    if collection is not None:
+        check_collection(collection, "collection")
     uri = None
     if store == "milvus":
         uri = _norm_uri(milvus_uri) if milvus_uri else str(root.expanduser().resolve() / "milvus.db")

@@ -204,6 +204,11 @@ def test_store_choice_recorded_and_mixing_refused(tmp_path, gallery):
     res = CliRunner().invoke(cli, ["--index", str(m), "stats"], env={"LORASEARCH_STORE": "faiss"})
     assert res.exit_code == 2
     assert run(m, "--faiss-factory", "HNSW32", "add", gallery / "ad2").exit_code == 2   # FAISS-only option
+    for text in ('{"store": "milvus", "uri": 5}', '{"store": "milvus", "uri": "x.db", "collection": "a-b"}',
+                 '{"store": "cassandra"}', "[1", ""):
+        (m / CONFIG_FILE).write_text(text)                       # a hostile choice file: one line, exit 2
+        res = run(m, "stats")
+        assert res.exit_code == 2 and CONFIG_FILE in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 # -- the CLI behaviours on both backends ---------------------------------------------------
