@@ -515,6 +515,11 @@ class LoraIndex:
         with self._mutex:
             return self.catalog.by_path(_resolve(path))
 
+    def get_many(self, ids) -> dict[int, dict]:
+        """``{id: record}`` for the ids that exist (the ``Store`` protocol's batch read)."""
+        with self._mutex, self.catalog.read():
+            return {r["id"]: r for r in (self.catalog.get(int(i)) for i in ids) if r is not None}
+
     def by_sha256(self, sha256: str) -> list[dict]:
         with self._mutex:
             return self.catalog.by_sha256(sha256)

@@ -57,16 +57,17 @@ class Lorasearch:
     def __init__(self, index_path: str | os.PathLike | None = None, encoder: str | None = None,
                  device: str = "auto", create: bool = False, readonly: bool = False,
                  lock_timeout: float = 0.0, faiss_factory: str | None = None,
-                 nprobe: int | None = None, ef_search: int | None = None):
+                 nprobe: int | None = None, ef_search: int | None = None, store: str | None = None,
+                 milvus_uri: str | None = None, milvus_index: str | None = None):
         """``faiss_factory`` (e.g. ``"IVF1024,Flat"``, ``"HNSW32"``) is fixed when the index is
         created (default: exact Flat); ``nprobe`` / ``ef_search`` tune approximate search."""
-        from lorasearch.indexer import LoraIndex
+        from lorasearch.indexer import open_store
 
         self.path = Path(index_path) if index_path is not None else default_index_path()
         self.device = device
-        self.index = LoraIndex.open(self.path, create=create, readonly=readonly, device=device,
-                                    lock_timeout=lock_timeout, factory=faiss_factory,
-                                    nprobe=nprobe, ef_search=ef_search)
+        self.index = open_store(self.path, store=store, milvus_uri=milvus_uri, create=create, readonly=readonly,
+                                device=device, lock_timeout=lock_timeout, factory=faiss_factory,
+                                nprobe=nprobe, ef_search=ef_search, milvus_index=milvus_index)
         self._encoder_spec = encoder
         self._encoder = None
 

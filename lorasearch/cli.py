@@ -62,7 +62,9 @@ def _open(ctx, create=False, readonly=False, encoder=None, faiss_factory=None, n
 
     return Lorasearch(ctx.obj["index"], encoder=encoder, device=ctx.obj["device"],
                       create=create, readonly=readonly, lock_timeout=ctx.obj.get("lock_timeout", 0.0),
-                      faiss_factory=faiss_factory, nprobe=nprobe, ef_search=ef_search)
+                      faiss_factory=faiss_factory, nprobe=nprobe, ef_search=ef_search,
+                      store=ctx.obj.get("store"), milvus_uri=ctx.obj.get("milvus_uri"),
+                      milvus_index=ctx.obj.get("milvus_index"))
 
 
 def _factory_option(f):
@@ -79,8 +81,15 @@ def _factory_option(f):
               help="Where canonicalization and search run.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds a write waits for another writer before giving up (exit 75).")
+@click.option("--store", type=click.Choice(["faiss", "milvus"]), envvar="LORASEARCH_STORE", default=None,
+              help="Backend of a NEW index (or $LORASEARCH_STORE; default faiss); recorded in the index folder.")
+@click.option("--milvus-uri", metavar="URI", envvar="LORASEARCH_MILVUS_URI", default=None,
+              help="Milvus server (http://host:19530, token in $LORASEARCH_MILVUS_TOKEN) or a milvus-lite "
+                   "file (default INDEX/milvus.db); implies --store milvus.")
+@click.option("--milvus-index", type=click.Choice(["FLAT", "HNSW", "IVF_FLAT"], case_sensitive=False),
+              default=None, help="Milvus vector index of a NEW milvus index (default FLAT: exact).")
 @click.pass_context
-def cli(ctx, index_path, device, lock_timeout):
+def cli(ctx, index_path, device, lock_timeout, store, milvus_uri, milvus_index):
     """Search LoRA adapters by what their weights do.
 
     Results on stdout, notes and errors on stderr (one line each). With --json a command that
@@ -89,7 +98,8 @@ def cli(ctx, index_path, device, lock_timeout):
     Exit codes: 0 ok (also no results), 1 internal error, 2 usage, 65 bad adapter file,
     66 missing file or index, 69 backend/GPU unavailable, 75 index locked, 130 interrupted."""
     ctx.ensure_object(dict)
-    ctx.obj.update(index=index_path, device=device, lock_timeout=lock_timeout)
+    ctx.obj.update(index=index_path, device=device, lock_timeout=lock_timeout, store=store,
+                   milvus_uri=milvus_uri, milvus_index=milvus_index and milvus_index.upper())
 
 
 def _must_exist(path: Path) -> None:
@@ -110,17 +120,29 @@ def _report_errors(report) -> None:
 @click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
 @click.option("--prune", is_flag=True, help="Also remove indexed adapters under DIR that no longer exist.")
 @_factory_option
+@click.option("--ray", "use_ray", is_flag=True, help="Read and encode on Ray workers (a local Ray unless an address is given).")
+@click.option("--ray-address", metavar="ADDR", default=None,
+              help="An existing Ray cluster (or $RAY_ADDRESS); used with --ray.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="CPUs of the local Ray started by --ray (default min(2, cores)).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @global_options
 @click.pass_context
-def index(ctx, directory, encoder, prune, faiss_factory, as_json):
+def index(ctx, directory, encoder, prune, faiss_factory, use_ray, ray_address, ray_workers, as_json):
     """Index every adapter under DIRECTORY (recursive, incremental).
 
     Bad files are reported on stderr and skipped; the exit code is 0 unless every adapter
     found was refused (65). DIRECTORY may also be one adapter file or PEFT folder."""
     _must_exist(directory)
     ls = _open(ctx, create=True, encoder=encoder, faiss_factory=faiss_factory)
-    report = ls.index_dir(directory, prune=prune)
+    if (ray_address or ray_workers) and not use_ray:
+        raise UsageError("--ray-address/--ray-workers go with --ray")
+    if use_ray:
+        from lorasearch.indexer.ray_ingest import index_dir_ray
+
+        report = index_dir_ray(ls, directory, prune=prune, address=ray_address, num_cpus=ray_workers)
+    else:
+        report = ls.index_dir(directory, prune=prune)
     _report_errors(report)
     if not (report.added or report.updated or report.unchanged or report.errors):
         click.echo(f"lorasearch: note: no adapters found under {directory} "

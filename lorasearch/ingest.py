@@ -161,6 +161,24 @@ class Sync:
         interrupted, the exception carries ``partial_report`` with what was kept. ``stats``: the
         (size, mtime_ns) already taken by ``watch``'s scan, keyed by real path (not stat'ed again).
         """
+        report, work = self.plan(paths, stats)
+        if not work:
+            return report
+        self.get_encoder()   # resolve (and check) the encoder before taking the lock
+        bar = progress_bar(len(work), "indexing", progress)
+        try:
+            with self.index.writer():
+                self._ingest(work, report, bar)
+        except BaseException as e:
+            e.partial_report = report
+            raise
+        finally:
+            bar.close()
+        return report
+
+    def plan(self, paths: list[Path], stats: dict[str, tuple[int, int]] | None = None):
+        """``(report, work)``: unchanged and un-stat-able files already in ``report``; ``work`` the
+        ``(real path, path as given, size, mtime_ns, old fingerprint or None)`` left to read."""
         report = SyncReport()
         todo: dict[str, Path] = {}
         for p in paths:
@@ -181,19 +199,7 @@ class Sync:
                 report.unchanged.append(key)
             else:
                 work.append((Path(key), os.path.abspath(given), size, mtime, old))
-        if not work:
-            return report
-        self.get_encoder()   # resolve (and check) the encoder before taking the lock
-        bar = progress_bar(len(work), "indexing", progress)
-        try:
-            with self.index.writer():
-                self._ingest(work, report, bar)
-        except BaseException as e:
-            e.partial_report = report
-            raise
-        finally:
-            bar.close()
-        return report
+        return report, work
 
     def _ingest(self, work: list, report: SyncReport, bar) -> None:
         from lorasearch.adapters import adapter_sha256, load_adapter
@@ -248,7 +254,15 @@ class Sync:
         self.index.check_encoder(enc.spec, enc.version, enc.dim)
         for (rec, _a, _o), v, n in zip(pending, vecs, norms):
             rec["embedding"], rec["delta_norm"] = v, n
-        self.index.upsert([rec for rec, _a, _o in pending])
+        try:
+            self.index.upsert([rec for rec, _a, _o in pending])
+        except BadAdapterError as e:     # a store refused a record (e.g. a path over Milvus's limit)
+            if len(pending) == 1:
+                report.errors.append((pending[0][0]["path"], str(e)))
+            else:                        # validated before anything was written: retry one by one
+                for item in pending:
+                    self.flush([item], report)
+            return
         for rec, _a, was_indexed in pending:           # acknowledged: the transaction committed
             (report.updated if was_indexed else report.added).append(rec["path"])
 

@@ -22,6 +22,7 @@ SAME_UPDATE_COSINE = 0.999   # issue 2: "the same ΔW … cosine ≥ 0.999"
 SAME_UPDATE_NORM_TOL = 0.01  # and the same size: a ΔW scaled ×2 is a different update
 RERANK_FACTOR, RERANK_MIN = 5, 50   # default re-ranking depth: max(5k, 50) candidates …
 RERANK_BYTES = 512 * 1024 * 1024    # … whose files add up to at most this many bytes
+TIE_MARGIN = 8                      # extra candidates so results do not depend on a store's tie order
 
 
 def default_rerank_depth(k: int) -> int:
@@ -117,11 +118,14 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
     q_scale_known = bool(getattr(adapter, "scale_known", True))
     n_rerank = default_rerank_depth(k) if rerank is None else rerank
     budget = RERANK_BYTES if rerank is None else None   # an explicit --rerank N has no budget
-    found = index.search(qvec, adapter.family, max(k, n_rerank))[0] if recorded else []
+    # TIE_MARGIN extra candidates: equal scores (identical ΔW) cut at k by one backend's order
+    # and not another's would make results depend on the store; ties go to the smaller id below
+    found = index.search(qvec, adapter.family, max(k, n_rerank) + TIE_MARGIN)[0] if recorded else []
+    records = index.get_many([rid for rid, _s in found]) if found else {}   # one round trip
     hits: list[Hit] = []
     to_score = []
     for rank_pos, (rid, emb_score) in enumerate(found):
-        rec = index.get(rid)
+        rec = records.get(rid)
         if rec is None:
             continue
         hit = Hit(rank=0, id=rid, path=rec["path"], score=float(emb_score), match="similar",
@@ -146,7 +150,7 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
                 hit.match = "same-update"
     qpath = str(adapter_root(Path(path)).resolve())
     # re-scored candidates rank above any left out by the re-ranking budget (as eval's SPEC+rerank@N)
-    hits.sort(key=lambda h: (MATCH_ORDER[h.match], not h.reranked, -h.score, h.path != qpath))
+    hits.sort(key=lambda h: (MATCH_ORDER[h.match], not h.reranked, -round(h.score, 6), h.path != qpath, h.id))
     if threshold is not None:
         hits = [h for h in hits if h.score >= threshold]
     hits = hits[:k]
