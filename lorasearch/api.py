@@ -120,7 +120,7 @@ class Lorasearch:
             from lorasearch.encoders import get_encoder
 
             recorded = self.index.encoder_spec()
-            enc = get_encoder(self._encoder_spec or recorded)
+            enc = get_encoder(self._encoder_spec or recorded, device=self.device)
             # compare normalized specs: `sketch:dim=1024` is the recorded `sketch`
             if recorded and self._encoder_spec and enc.spec != recorded:
                 raise IncompatibleError(
@@ -130,14 +130,9 @@ class Lorasearch:
         return self._encoder
 
     def _embed(self, adapters: list) -> tuple[np.ndarray, list[float]]:
-        """Embeddings and ‖ΔW‖_F of each adapter; the norm comes free from the canonical σ
-        (similarity.delta_norm on the raw factors costs seconds for an SD adapter)."""
-        from lorasearch.canonical import canonicalize_many
-
-        canon = canonicalize_many(adapters, device=self.device)
-        norms = [float(np.sqrt(sum(float(np.sum(np.asarray(m.sigma, np.float64) ** 2)) for m in c.modules)))
-                 for c in canon]
-        return self.encoder.encode(canon), norms
+        """Embeddings and ‖ΔW‖_F of each adapter (``Encoder.embed``: the sketch straight from the
+        factors in numpy; learned encoders through the canonical form)."""
+        return self.encoder.embed(adapters, device=self.device)
 
     # -- writing -----------------------------------------------------------------------------
     def index_dir(self, root: str | os.PathLike, prune: bool = False,
@@ -343,8 +338,8 @@ class Lorasearch:
         import math
 
         from lorasearch.adapters import load_adapter
-        from lorasearch.canonical import canonicalize_many
         from lorasearch.errors import UsageError
+        from lorasearch.rerank import factor_cosines
 
         if k < 1:
             raise UsageError(f"k must be at least 1, not {k}")
@@ -358,8 +353,7 @@ class Lorasearch:
         if path.is_dir() and not is_peft_folder(path):
             raise BadAdapterError(path, "is a folder without adapter_config.json; query one adapter file or PEFT folder")
         adapter = load_adapter(adapter_root(path))
-        qcanon = canonicalize_many([adapter], device=self.device)[0]
-        qvec = self.encoder.encode([qcanon])
+        qvec, _qnorm = self.encoder.embed([adapter], device=self.device)
         enc = self.encoder
         recorded = self.index.encoder_spec()
         if recorded is not None:
@@ -384,7 +378,7 @@ class Lorasearch:
                     to_score.append((item, other, rec.get("delta_norm")))
             results.append(item)
         if to_score:
-            qnorm, cosines, norms = exact_cosines(qcanon, [o for _i, o, _n in to_score], [n for *_x, n in to_score])
+            qnorm, cosines, norms = factor_cosines(adapter, [o for _i, o, _n in to_score], [n for *_x, n in to_score])
             for (item, _o, _n), cos, onorm in zip(to_score, cosines, norms):
                 item.update(score=float(cos), reranked=True)
                 if cos >= SAME_UPDATE_COSINE and qnorm > 0 and abs(onorm / qnorm - 1.0) <= SAME_UPDATE_NORM_TOL:
