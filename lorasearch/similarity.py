@@ -126,7 +126,7 @@ def pairwise_dense_cosine(queries: Sequence[AnyAdapter], gallery: Sequence[AnyAd
     numpy only (``device`` is accepted for compatibility and ignored; ``dtype`` may be a numpy
     dtype or a torch float dtype such as ``torch.float32``).
     """
-    dtype = np.dtype(str(dtype).replace("torch.", ""))
+    dtype = np.dtype(str(dtype).replace("torch.", "")) if str(dtype).startswith("torch.") else np.dtype(dtype)
     fq = [factors(a) for a in queries]
     fg = [factors(a) for a in gallery]
     nq = np.sqrt([sum(_sq_norm(f) for f in d.values()) for d in fq])
