@@ -197,6 +197,10 @@ class SketchEncoder(Encoder):
         return l2_normalize(vecs), [n for _v, n in res]
 
     def _embed_one(self, ad: LoraAdapter) -> tuple[np.ndarray, float]:
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is checked once, at the end
+            return self._embed_one_unchecked(ad)
+
+    def _embed_one_unchecked(self, ad: LoraAdapter) -> tuple[np.ndarray, float]:
         rows, dim, seed = self.rows, self.dim, self.seed
         groups: dict[tuple, list] = defaultdict(list)    # (p, r, q) -> [(left, right, gram2, scale, rnd)]
         for m in ad.modules:
@@ -225,7 +229,12 @@ class SketchEncoder(Encoder):
             R = np.stack([it[1] for it in items])                               # [n, r, q]
             S = np.matmul(L, R) * w.astype(np.float32)[:, None, None]           # [n, p, q]
             parts += [(S[j], it[5], it[6]) for j, it in enumerate(items) if nrm[j] > 0]
-        return self._count_sketch(parts), float(np.sqrt(sq_total))
+        vec, norm = self._count_sketch(parts), float(np.sqrt(sq_total))
+        if not (np.isfinite(norm) and np.all(np.isfinite(vec))):
+            # finite factors whose float32 products overflow (hostile or corrupt values)
+            raise BadAdapterError(ad.path, "factor values too large: ΔW overflows float32 "
+                                  f"(‖ΔW‖_F = {norm:.3g}); cannot embed this adapter")
+        return vec, norm
 
 
 def parse_args(arg: str | None, allowed: dict[str, type]) -> dict:

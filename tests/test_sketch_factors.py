@@ -143,3 +143,15 @@ def test_cpu_and_numpy_auto_do_not_import_torch():
             "get_encoder('sketch');print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_overflowing_factors_are_a_bad_adapter_not_nan():
+    from lorasearch.errors import BadAdapterError
+
+    ad = random_adapter("minilm", rank=4, seed=1, targets=TARGETS)
+    m = ad.modules[0]
+    big = LoraAdapter("huge.safetensors", "memory", "", ad.family,
+                      [LoraModule(m.name, m.A * np.float32(1e20), m.B * np.float32(1e20), m.scale, shape=m.shape)]
+                      + ad.modules[1:])
+    with pytest.raises(BadAdapterError, match="huge.safetensors.*overflows float32"):
+        SketchEncoder().embed([big])
