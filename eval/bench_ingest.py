@@ -10,10 +10,12 @@ repetition by repetition (so drift on a shared machine hits all columns alike; m
   read       reading every file's bytes once from the page cache (the I/O floor of any indexer)
   safe_open  ``safetensors.safe_open(framework="np")`` + ``get_tensor`` of every tensor
   load       ``lorasearch.adapters.load_adapter`` (validate, sha256, fp16 → float32 factors)
+  embed      ``SketchEncoder.embed`` alone, on adapters already loaded (the encoder's share)
   new        load + ``SketchEncoder.embed`` straight from the factors (numpy; what `index` runs)
   old        load + ``canonicalize_many`` (CholeskyQR2/QR + small SVDs, torch) + ``encode``:
              ``main``'s code path before issue 8, called through the same canonical functions
-  index      the whole ``Lorasearch.index_dir`` (new path + catalog + FAISS), once per rank
+             ("old compute": canonicalize + encode alone, on loaded adapters)
+  index      ``Lorasearch.add`` of the files into a new index (new path + catalog + FAISS), once
 
 ``--threads 1`` runs everything on one thread (BLAS and the embed/canonical worker pools);
 ``--threads 0`` lets them use every core. Thread counts must be fixed before numpy loads BLAS,
@@ -96,9 +98,12 @@ def run_rank(paths: list[Path], threads: int, reps: int, workdir: Path, old: boo
     if old:                                   # both paths give the same vectors (to float32 rounding)
         v_old = old_path()
         assert float(np.abs(v_new - v_old).max()) < 1e-5
+    loaded = [load_adapter(p) for p in paths]
     stages = {"read": lambda: _read_all(paths), "safe_open": lambda: _safe_open_all(paths),
-              "load": lambda: [load_adapter(p) for p in paths], "new": new}
+              "load": lambda: [load_adapter(p) for p in paths],
+              "embed": lambda: enc.embed(loaded, device="cpu"), "new": new}
     if old:
+        stages["old_compute"] = lambda: enc.encode(canonicalize_many(loaded, device="cpu", workers=workers))
         stages["old"] = old_path
     times: dict[str, list[float]] = {k: [] for k in stages}
     for _ in range(reps):
@@ -125,16 +130,19 @@ def format_markdown(results: dict, threads: int, reps: int) -> str:
     out = [f"SD1.5 kohya fp16 files (264 modules), {th}; medians of {reps} interleaved repetitions; "
            f"{platform.machine()}, {_ncpu()} cores visible (shared), no GPU; "
            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", "",
-           "| rank | n | MB/file | read s | safe_open ÷ read | load ÷ read | **new ÷ read** | new ÷ safe_open "
-           "| old ÷ read | **old ÷ new** | index_dir ÷ read | new ms/adapter |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| rank | n | MB/file | read s | safe_open ÷ read | load ÷ read | embed ÷ read | **new ÷ read** "
+           "| new ÷ safe_open | old ÷ read | **old ÷ new** | old compute ÷ embed | index (add) ÷ read "
+           "| new ms/adapter |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, r in results.items():
         s = r["s"]
         rd = s["read"]
         old = s.get("old")
         out.append(f"| {rank} | {r['n']} | {r['mb_per_file']:.1f} | {rd:.3f} | {s['safe_open'] / rd:.1f} | "
-                   f"{s['load'] / rd:.1f} | **{s['new'] / rd:.1f}** | {s['new'] / s['safe_open']:.1f} | "
-                   + (f"{old / rd:.1f} | **{old / s['new']:.1f}** | " if old else "– | – | ")
+                   f"{s['load'] / rd:.1f} | {s['embed'] / rd:.1f} | **{s['new'] / rd:.1f}** | "
+                   f"{s['new'] / s['safe_open']:.1f} | "
+                   + (f"{old / rd:.1f} | **{old / s['new']:.1f}** | {s['old_compute'] / s['embed']:.1f} | "
+                      if old else "– | – | – | ")
                    + f"{s['index'] / rd:.1f} | {1000 * s['new'] / r['n']:.0f} |")
     return "\n".join(out)
 
