@@ -122,6 +122,7 @@ def test_match_kind_rules():
     assert match_kind(0.2, 0.0, 1.0, 1.0, same_sha=True) == "exact"
     assert match_kind(0.9995, 0.0, 1.0, 1.005) == "same-update"
     assert match_kind(0.9995, 0.0, 1.0, 1.02) == "similar"        # norms differ > 1 %
+    assert match_kind(0.9995, 0.0, 1.0, 2.0, scale_known=False) == "same-update"   # alpha unknown: direction only
     assert match_kind(0.9985, 0.0004, 1.0, 1.0) == "similar"
     assert match_kind(0.9985, 0.001, 1.0, 1.0) == "undecided"
     assert match_kind(1.0, 0.0, 0.0, 1.0) == "similar"
