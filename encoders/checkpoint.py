@@ -30,17 +30,11 @@ CURVE = "loss_curve.json"
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error (exit 69)."""
-    if isinstance(device, torch.device):
-        return device
-    device = (device or "auto").lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnavailableError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
+    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error (exit 69).
+    The project's one rule, ``lorasearch.devices.resolve_device``."""
+    from lorasearch.devices import torch_device
+
+    return torch_device(device)
 
 
 def model_classes(name: str):

@@ -86,7 +86,7 @@ class GLNetEncoder(LearnedEncoder):
 
 
 @register("glnet")
-def _factory(arg: str | None) -> Encoder:
+def _factory(arg: str | None, device: str = "auto") -> Encoder:
     from lorasearch.encoders.checkpoint import load_encoder
 
-    return load_encoder("glnet", arg)
+    return load_encoder("glnet", arg, device=device)

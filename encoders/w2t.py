@@ -162,7 +162,7 @@ class W2TEncoder(LearnedEncoder):
 
 
 @register("w2t")
-def _factory(arg: str | None) -> Encoder:
+def _factory(arg: str | None, device: str = "auto") -> Encoder:
     from lorasearch.encoders.checkpoint import load_encoder
 
-    return load_encoder("w2t", arg)
+    return load_encoder("w2t", arg, device=device)

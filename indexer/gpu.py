@@ -33,18 +33,15 @@ def gpu_count() -> int:
 
 def resolve_device(device: str | None) -> int | None:
     """``auto|cpu|cuda|cuda:N`` -> the GPU ordinal to use, or None for CPU only."""
-    device = (device or "auto").strip().lower()
-    if device == "cpu":
+    from lorasearch.devices import parse_device   # the project's one syntax for --device
+
+    kind, ordinal = parse_device(device)
+    if kind == "cpu":
         return None
-    if device == "auto":
+    if kind == "auto":
         return 0 if gpu_count() > 0 else None
-    if device == "cuda" or device.startswith("cuda:"):
-        ordinal = 0
-        if device.startswith("cuda:"):
-            try:
-                ordinal = int(device[5:])
-            except ValueError:
-                raise UsageError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda":
+        ordinal = ordinal or 0
         n = gpu_count()
         if n == 0:
             why = ("the installed FAISS has no GPU support (install the lorasearch[gpu] extra)"

@@ -88,7 +88,7 @@ class Lorasearch:
             from lorasearch.encoders import get_encoder
 
             recorded = self.index.encoder_spec()
-            enc = get_encoder(self._encoder_spec or recorded)
+            enc = get_encoder(self._encoder_spec or recorded, device=self.device)
             # compare normalized specs: `sketch:dim=1024` is the recorded `sketch`
             if recorded and self._encoder_spec and enc.spec != recorded:
                 raise IncompatibleError(

@@ -37,7 +37,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from lorasearch.errors import BadAdapterError, UnavailableError, UsageError
+from lorasearch.devices import torch_device
+from lorasearch.errors import BadAdapterError, UsageError
 from lorasearch.types import CanonicalAdapter, CanonicalModule, LoraAdapter, LoraModule
 
 # Upper bound on the elements of B and Aᵀ stacked into one batched call (float32: 4 B each), so
@@ -58,14 +59,9 @@ _CHOLQR_MIN_RANK = 16
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` → cuda when available, else cpu; an explicit ``cuda`` without CUDA is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnavailableError("device 'cuda' requested but torch reports no CUDA device")
-    return dev
+def resolve_device(device="auto") -> torch.device:
+    """``lorasearch.devices.resolve_device`` as a ``torch.device`` (kept here for older callers)."""
+    return torch_device(device)
 
 
 @contextmanager

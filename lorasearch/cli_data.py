@@ -25,15 +25,10 @@ SUITES = ("language", "diffusion")
 
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` when a CUDA device is visible, else ``cpu``; ``cuda`` without one is an error."""
-    import torch
+    from lorasearch.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UnavailableError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device!r}: expected auto, cpu or cuda")
-    return device
+    dev = resolve(device)
+    return "cpu" if dev == "cpu" else "cuda"
 
 
 def make(suite: str, out, n: int | None = None, seed: int = 0, device: str = "auto", tiny: bool = False,

@@ -1,7 +1,7 @@
 """Query: embed one adapter, search its family in FAISS, re-score the top candidates exactly.
 
 Candidates are re-scored by the exact Frobenius cosine of ΔW computed from the factors
-(DESIGN decision 3, ``similarity.exact_cosines``); the hit's ``match`` says what was found:
+(DESIGN decision 3, ``rerank.factor_cosines``); the hit's ``match`` says what was found:
 ``exact`` (same bytes), ``same-update`` (same ΔW: cosine ≥ 0.999 and the same norm, or — when
 one side's alpha is unknown — the same direction, flagged ``scale_known: false``), ``similar``.
 """
@@ -105,13 +105,11 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
     embedding cosines. On the CPU language collection re-scoring the sketch's top 20/30/50
     gave NDCG@10 87.9/91.7/93.4 against 93.7 for exact search over everything.
     """
-    from lorasearch.canonical import canonicalize_many
-    from lorasearch.similarity import exact_cosines
+    from lorasearch.rerank import factor_cosines
 
     _check_args(k, threshold, rerank)
     adapter = load_query(path)
-    qcanon = canonicalize_many([adapter], device=device)[0]
-    qvec = encoder.encode([qcanon])
+    qvec, _qnorm = encoder.embed([adapter], device=device)   # the sketch: from the factors, no torch
     recorded = index.encoder_spec()
     if recorded is not None:
         index.check_encoder(encoder.spec, encoder.version, encoder.dim)
@@ -142,7 +140,7 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
                 to_score.append((hit, other, rec.get("delta_norm")))
         hits.append(hit)
     if to_score:
-        qnorm, cosines, norms = exact_cosines(qcanon, [o for _h, o, _n in to_score], [n for *_x, n in to_score])
+        qnorm, cosines, norms = factor_cosines(adapter, [o for _h, o, _n in to_score], [n for *_x, n in to_score])
         for (hit, _o, _n), cos, onorm in zip(to_score, cosines, norms):
             hit.score, hit.reranked = float(cos), True
             same_size = qnorm > 0 and abs(onorm / qnorm - 1.0) <= SAME_UPDATE_NORM_TOL

@@ -17,9 +17,7 @@ from collections import defaultdict
 from typing import Sequence, Union
 
 import numpy as np
-import torch
 
-from lorasearch.canonical import resolve_device
 from lorasearch.errors import IncompatibleError
 from lorasearch.types import CanonicalAdapter, CanonicalModule, LoraAdapter
 
@@ -103,7 +101,7 @@ def relative_difference(a: AnyAdapter, b: AnyAdapter) -> float:
     return float(np.sqrt(diff2) / na)
 
 
-def _stack_module(facts: list[dict], name: str, dev, dt):
+def _stack_module(facts: list[dict], name: str, dt):
     """Indices of the adapters having module ``name`` and their zero-padded (L, R) stacks."""
     idx = [i for i, f in enumerate(facts) if name in f]
     if not idx:
@@ -116,38 +114,45 @@ def _stack_module(facts: list[dict], name: str, dev, dt):
         Li, Ri = facts[i][name]
         L[j, :, :Li.shape[1]] = Li   # zero columns add nothing: padding to a common rank is exact
         R[j, :, :Ri.shape[1]] = Ri
-    return idx, torch.from_numpy(L).to(dev, dt), torch.from_numpy(R).to(dev, dt)
+    return idx, L.astype(dt, copy=False), R.astype(dt, copy=False)
 
 
 def pairwise_dense_cosine(queries: Sequence[AnyAdapter], gallery: Sequence[AnyAdapter],
-                          device="auto", dtype=torch.float64) -> np.ndarray:
+                          device="auto", dtype=np.float64) -> np.ndarray:
     """Exact dense cosine ``[nq, ng]`` of ΔW between every query and gallery adapter.
 
     The reference method benchmarks print beside an encoder. Per module, all adapters' factors
     are stacked (padded to a common rank) so the Grams L_qᵀL_g and R_qᵀR_g are a few large matmuls.
+    numpy only (``device`` is accepted for compatibility and ignored; ``dtype`` may be a numpy
+    dtype or a torch float dtype such as ``torch.float32``).
     """
-    dev = resolve_device(device)
+    dtype = np.dtype(str(dtype).replace("torch.", "")) if str(dtype).startswith("torch.") else np.dtype(dtype)
     fq = [factors(a) for a in queries]
     fg = [factors(a) for a in gallery]
     nq = np.sqrt([sum(_sq_norm(f) for f in d.values()) for d in fq])
     ng = np.sqrt([sum(_sq_norm(f) for f in d.values()) for d in fg])
-    dots = torch.zeros(len(fq), len(fg), dtype=dtype, device=dev)
+    dots = np.zeros((len(fq), len(fg)), dtype=np.float64)
     names = set().union(*[d.keys() for d in fq]) & set().union(*[d.keys() for d in fg]) if fq and fg else set()
     for name in sorted(names, key=str):
-        qi, Lq, Rq = _stack_module(fq, name, dev, dtype)
-        gi, Lg, Rg = _stack_module(fg, name, dev, dtype)
+        qi, Lq, Rq = _stack_module(fq, name, dtype)
+        gi, Lg, Rg = _stack_module(fg, name, dtype)
         if not qi or not gi:
             continue
         kq, kg = Lq.shape[2], Lg.shape[2]
-        gidx = torch.tensor(gi, device=dev)
+        gidx = np.asarray(gi)
         step = max(1, _MAX_BLOCK // max(1, len(gi) * kq * kg))
+        # Gram blocks as two GEMMs: [a·k, o] @ [o, b·l] -> [a, k, b, l]
+        LgF = Lg.transpose(1, 0, 2).reshape(Lg.shape[1], -1)
+        RgF = Rg.transpose(1, 0, 2).reshape(Rg.shape[1], -1)
         for s in range(0, len(qi), step):
-            GL = torch.einsum("aok,bol->abkl", Lq[s:s + step], Lg)
-            GR = torch.einsum("aik,bil->abkl", Rq[s:s + step], Rg)
-            rows = torch.tensor(qi[s:s + step], device=dev)
-            dots[rows[:, None], gidx[None, :]] += (GL * GR).sum(dim=(2, 3))
+            lq, rq = Lq[s:s + step], Rq[s:s + step]
+            a = lq.shape[0]
+            GL = (lq.transpose(0, 2, 1).reshape(a * kq, -1) @ LgF).reshape(a, kq, len(gi), kg)
+            GR = (rq.transpose(0, 2, 1).reshape(a * kq, -1) @ RgF).reshape(a, kq, len(gi), kg)
+            rows = np.asarray(qi[s:s + step])
+            dots[rows[:, None], gidx[None, :]] += np.einsum("akbl,akbl->ab", GL, GR, dtype=np.float64)
     denom = np.outer(nq, ng)
-    d = dots.cpu().numpy()
+    d = dots
     return np.clip(np.divide(d, denom, out=np.zeros_like(d), where=denom > 0), -1.0, 1.0)
 
 
