@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import faiss
 import numpy as np
 
 from lorasearch.errors import (IncompatibleError, IndexLockedError, MissingError, UsageError)
@@ -325,9 +326,16 @@ class LoraIndex:
                 if cached is not None and family not in self._stale:
                     if cached[0] == gen:
                         return cached[1], gen
-                    if base <= cached[0] < gen and family not in self._mapped and self._catch_up(family, cached[1], cached[0]):
-                        self._cache[family] = (gen, cached[1])
-                        return cached[1], gen
+                    if base <= cached[0] < gen:
+                        # a memory-mapped index is read-only: catch up on an owned in-memory copy
+                        index = (faiss.deserialize_index(faiss.serialize_index(cached[1])) if family in self._mapped
+                                 else cached[1])
+                        if self._catch_up(family, index, cached[0]):
+                            if family in self._mapped:
+                                self._mapped.discard(family)
+                                self._new_epoch(family)
+                            self._cache[family] = (gen, index)
+                            return index, gen
                 self._cache.pop(family, None)
                 self._mapped.discard(family)
                 dim = self._require_dim()

@@ -229,7 +229,7 @@ class Lorasearch:
         (size, mtime_ns) already taken by ``watch``'s scan, keyed by real path (not stat'ed again).
         """
         report = SyncReport()
-        known = self.index.fingerprints()    # one query: {path: (id, size, mtime_ns, sha256, family)}
+        known = self.index.fingerprints_for(paths)   # by key: {path: (id, size, mtime_ns, sha256, family)}
         work: list[tuple[Path, int, int, tuple | None]] = []
         seen: set[str] = set()
         for p in paths:
