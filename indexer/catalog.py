@@ -81,6 +81,8 @@ RECORD_COLUMNS = ("id", "path", "sha256", "size", "mtime_ns", "format", "family"
                   "n_modules", "delta_norm", "metadata", "info", "added_at", "updated_at")
 _JSON_COLUMNS = ("ranks", "metadata", "info")
 _SELECT = f"SELECT {', '.join(RECORD_COLUMNS)} FROM adapters"
+BRIEF_COLUMNS = tuple(c for c in RECORD_COLUMNS if c not in _JSON_COLUMNS)
+_SELECT_BRIEF = f"SELECT {', '.join(BRIEF_COLUMNS)} FROM adapters"
 
 
 def _json_default(obj: Any):
@@ -341,13 +343,16 @@ class Catalog:
         row = self.conn.execute(f"{_SELECT} WHERE id = ?", (int(adapter_id),)).fetchone()
         return None if row is None else _record(row)
 
-    def get_many(self, ids: list[int]) -> dict[int, dict]:
-        """``{id: record}`` for the ids that exist, in one statement per 500 ids (a query's hits)."""
+    def get_many(self, ids: list[int], brief: bool = False) -> dict[int, dict]:
+        """``{id: record}`` for the ids that exist, in one statement per 500 ids (a query's hits).
+        ``brief``: leave out the JSON columns (``ranks``, ``metadata``, ``info``: a file's metadata
+        can be tens of kB to parse per hit)."""
         out: dict[int, dict] = {}
+        select = _SELECT_BRIEF if brief else _SELECT
         for chunk in _chunks([int(i) for i in ids]):
             marks = ",".join("?" * len(chunk))
-            for row in self.conn.execute(f"{_SELECT} WHERE id IN ({marks})", chunk):
-                out[int(row[0])] = _record(row)
+            for row in self.conn.execute(f"{select} WHERE id IN ({marks})", chunk):
+                out[int(row[0])] = dict(zip(BRIEF_COLUMNS, row)) if brief else _record(row)
         return out
 
     def rerank_blobs(self, ids: list[int]) -> dict[int, bytes]:

@@ -662,10 +662,11 @@ class LoraIndex:
         with self._mutex:
             return self.catalog.get(int(adapter_id))
 
-    def get_many(self, ids) -> dict[int, dict]:
-        """``{id: record}`` for those of ``ids`` that exist, in one catalog read (a query's hits)."""
+    def get_many(self, ids, brief: bool = False) -> dict[int, dict]:
+        """``{id: record}`` for those of ``ids`` that exist, in one catalog read (a query's hits).
+        ``brief=True`` leaves out ``ranks``/``metadata``/``info`` (not parsed: cheaper per hit)."""
         with self._mutex, self.catalog.read():
-            return self.catalog.get_many([int(i) for i in ids])
+            return self.catalog.get_many([int(i) for i in ids], brief)
 
     def rerank_blobs(self, ids) -> dict[int, bytes]:
         """``{id: blob}`` of the re-rank records stored with ``upsert(rec["rerank"])``; ids without

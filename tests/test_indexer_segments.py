@@ -189,6 +189,8 @@ def test_key_lookups(ix, tmp_path):
     many = ix.get_many([ids[5], 12345, ids[0]])
     assert set(many) == {ids[5], ids[0]} and many[ids[5]] == ix.get(ids[5])
     assert ix.fingerprints_for([]) == {} and ix.get_many([]) == {}
+    brief = ix.get_many([ids[5]], brief=True)[ids[5]]
+    assert brief == {k: v for k, v in many[ids[5]].items() if k not in ("ranks", "metadata", "info")}
 
 
 class StandIn(GpuMirror):
