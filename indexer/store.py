@@ -75,6 +75,7 @@ class LoraIndex:
         self.nprobe = nprobe
         self.ef_search = ef_search
         self._min_train: int | None = None
+        self._removable: bool | None = None
         self._stale: set[str] = set()             # families whose cached index must be rebuilt from the catalog
         self.catalog = catalog
         self.readonly = readonly
@@ -315,7 +316,7 @@ class LoraIndex:
         the result checked against the catalog; a missing or damaged base is rebuilt from the
         catalog's embeddings (and why is recorded in ``repairs``).
         """
-        for attempt in range(2):
+        for attempt in range(3):
             with self.catalog.read():
                 state = self.catalog.family_state(family)
                 if state is None:
@@ -351,16 +352,16 @@ class LoraIndex:
                 delta = self.catalog.delta_size(family, base)
                 mmap = self.readonly and delta == 0
                 index, reason = snapshot.read(self._snapshot_path(family, base), dim, mmap=mmap, factory=self.factory)
-                if index is not None and delta:
-                    if not self._catch_up(family, index, base):
-                        reason = "its index type cannot replay removals"
+                if index is not None and delta and not self._catch_up(family, index, base):
+                    self._stale.add(family)     # cannot replay removals (HNSW) or due for training: planned
+                    continue                    # rebuild, on the next pass (not a repair)
                 if index is not None and reason is None:
                     reason = snapshot.validate(index, self.catalog.family_ids(family), self.catalog.embeddings,
                                                self.factory)
                     if reason is None and segments.needs_compaction(delta, base_n):
                         self._unsaved.add(family)        # persisted by the next writer / _save_repairs
                 # a missing file may mean a writer just replaced it: look again once, in a fresh transaction
-                if reason is None or reason != "missing" or attempt == 1 or self._lock_depth:
+                if reason is None or reason != "missing" or attempt >= 1 or self._lock_depth:
                     if reason is not None:
                         ids, vectors = self.catalog.family_vectors(family, dim)
                         index = snapshot.build(dim, ids, vectors, self.factory)
@@ -499,6 +500,13 @@ class LoraIndex:
             out.append((dict(rec, path=path, family=family), vec))
         return out
 
+    def _can_remove(self, dim: int) -> bool:
+        """Whether this index type removes ids in place (flat, IVF, PQ...; not HNSW/NSG graphs)."""
+        if self._removable is None:
+            inner = faiss.downcast_index(faiss.index_factory(int(dim), self.factory, faiss.METRIC_INNER_PRODUCT))
+            self._removable = not isinstance(inner, (faiss.IndexHNSW, faiss.IndexNSG))
+        return self._removable
+
     def _train_min(self, dim: int) -> int:
         if self._min_train is None:
             self._min_train = kinds.min_train(self.factory, dim)
@@ -538,6 +546,8 @@ class LoraIndex:
                         replaced.append((adapter_id, old_family))
                 self.catalog.bump(touched, gen)
             added = [(i, rec["family"], vec) for i, (rec, vec) in zip(ids, prepared)]
+            if replaced and not self._can_remove(dim):   # a base of this type could never replay them
+                self._unsaved.update(f for _i, f in replaced)
             self._apply(touched, before, gen, dim, removed=replaced, added=added)
         return ids
 
@@ -567,6 +577,8 @@ class LoraIndex:
                 for adapter_id in targets:
                     self.catalog.delete(adapter_id, gen)
                 self.catalog.bump(touched, gen)
+            if not self._can_remove(dim):                 # a base of this type could never replay them
+                self._unsaved.update(touched)
             self._apply(touched, before, gen, dim, removed=list(targets.items()), added=[])
         return len(targets)
 

@@ -298,3 +298,19 @@ def test_kill_during_creation_leaves_no_catalog(tmp_path):
     with LoraIndex.open(root, create=True, device="cpu") as ix:    # and the next run just creates it
         assert ix.count() == 0
     assert [p.name for p in root.iterdir() if "creating" in p.name] == []
+
+
+def test_hnsw_removal_by_a_cold_writer_is_compacted_not_left_to_readers(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(1200, DIM)).astype(np.float32)
+    with LoraIndex.open(tmp_path / "ix", create=True, device="cpu", factory="HNSW32") as ix:
+        ix.check_encoder("sketch", "1", DIM)
+        ids = ix.upsert([rec(i, vec=base[i]) for i in range(1200)])
+    with LoraIndex.open(tmp_path / "ix", device="cpu") as cold:     # nothing cached: O(1) path
+        cold.remove(ids[:3])
+        cold.upsert([rec(5, vec=base[7])])                          # an update needs a removal too
+        st = cold.stats()["snapshots"]["sd1"]
+        assert st["delta"] == 0 and st["on_disk"] and cold.repairs == {}
+    with LoraIndex.open(tmp_path / "ix", readonly=True, device="cpu") as ro:
+        assert ro.count() == 1197 and ro.check()["ok"] and ro.repairs == {}
+        assert type(faiss.downcast_index(ro._family_index("sd1")[0].index)).__name__ == "IndexHNSWFlat"
