@@ -224,16 +224,16 @@ class Catalog:
 
     def bump(self, families: set[str], gen: int | None = None) -> int:
         """Inside a write: stamp ``gen`` (default: a new one) on the touched families; empty families
-        are dropped with their tombstones (their base file goes at the next prune)."""
+        are dropped (their base file goes at the next prune)."""
         gen = self.next_generation() if gen is None else gen
         for fam in families:
             if self.conn.execute("SELECT 1 FROM adapters WHERE family = ? LIMIT 1", (fam,)).fetchone():
                 self.conn.execute("INSERT INTO families(name, generation) VALUES (?, ?) ON CONFLICT(name) "
                                   "DO UPDATE SET generation = excluded.generation", (fam, gen))
             else:
+                # its tombstones stay: a reader still holding the family's old index catches up
+                # through them if the family comes back (they go at that family's next compaction)
                 self.conn.execute("DELETE FROM families WHERE name = ?", (fam,))
-                if self.version >= 2:
-                    self.conn.execute("DELETE FROM tombstones WHERE family = ?", (fam,))
         return gen
 
     def family_generations(self) -> dict[str, int]:

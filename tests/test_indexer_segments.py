@@ -314,3 +314,16 @@ def test_hnsw_removal_by_a_cold_writer_is_compacted_not_left_to_readers(tmp_path
     with LoraIndex.open(tmp_path / "ix", readonly=True, device="cpu") as ro:
         assert ro.count() == 1197 and ro.check()["ok"] and ro.repairs == {}
         assert type(faiss.downcast_index(ro._family_index("sd1")[0].index)).__name__ == "IndexHNSWFlat"
+
+
+def test_reader_catches_up_across_a_family_that_emptied_and_came_back(ix, monkeypatch):
+    ids = ix.upsert([rec(i) for i in range(30)])
+    with reopen(ix, readonly=True) as ro:
+        ro.search(np.ones(DIM), "sd1", 5)                  # cached at this generation
+        monkeypatch.setattr(ix, "_compact", lambda family: None)   # as if killed before compacting
+        ix.remove(ids)                                     # the family empties (row and base go)
+        ix.upsert([rec(i) for i in range(100, 103)])       # and comes back with other adapters
+        assert ro.catalog.family_state("sd1")[1] == 0      # no base: the reader must replay tombstones
+        got = {i for i, _ in ro.search(np.ones(DIM), "sd1", 50)[0]}
+        assert got == {r["id"] for r in ro.records("sd1")} and len(got) == 3
+        assert ro.check()["ok"]
