@@ -499,16 +499,21 @@ def create_atomic(path: Path, meta: dict[str, Any] | None = None, replace: bool 
     """Build a complete catalog under a temp name and move it to ``path`` in one step, so ``path``
     either does not exist or is a finished catalog, whenever the process is killed.
 
-    The temp file uses a rollback journal (closed = fully in one file, nothing in a WAL to lose
-    in the rename); ``link`` publishes it only if ``path`` does not exist (two concurrent creators:
+    The temp file is made in WAL mode and checkpointed on close, so it is published whole in one
+    file whose header already says WAL: the first writable open has nothing to convert (a kill
+    while switching a rollback-journal file to WAL leaves a hot journal that read-only openers
+    cannot roll back). ``link`` publishes it only if ``path`` does not exist (two concurrent creators:
     one wins, the other returns False and opens the winner's). ``replace=True`` (caller holds the
     writer lock and has classified ``path`` as unfinished) renames over it instead.
     """
     clean_unfinished(path.parent, path.name)
     tmp = path.with_name(f".{path.name}{_CREATING}{os.getpid()}-{time.monotonic_ns()}")
     try:
-        cat = Catalog.create(tmp, meta, wal=False)
-        cat.close()
+        cat = Catalog.create(tmp, meta)
+        cat.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        cat.close()                                   # last connection: the -wal file is removed
+        if tmp.with_name(tmp.name + "-wal").exists():
+            raise OSError(f"{tmp}: SQLite kept a WAL after close; not publishing it")
         _fsync(tmp)
         if replace:
             for side in ("-wal", "-shm"):          # of the unfinished file: never replay them onto ours
@@ -524,5 +529,5 @@ def create_atomic(path: Path, meta: dict[str, Any] | None = None, replace: bool 
         _fsync(path.parent)
         return published
     finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_name(tmp.name + "-journal").unlink(missing_ok=True)
+        for leftover in (tmp, *(tmp.with_name(tmp.name + side) for side in ("-journal", "-wal", "-shm"))):
+            leftover.unlink(missing_ok=True)

@@ -275,6 +275,9 @@ def test_creation_leaves_no_partial_file_and_cleans_dead_temps(tmp_path):
     assert not dead.exists()
     assert sorted(p.name for p in root.iterdir() if "creating" in p.name) == []
     assert cat.classify(root / "catalog.sqlite") == "catalog"
+    # published already in WAL mode: no first-open conversion whose kill would leave a hot rollback
+    # journal that read-only openers cannot roll back (found by the kill trials)
+    assert (root / "catalog.sqlite").read_bytes()[18:20] == b"\x02\x02"
 
 
 KILLER = textwrap.dedent("""

@@ -206,18 +206,24 @@ def run(trials: int = 50, seed: int = 0, workdir: str | None = None, log=print) 
             acknowledged = done in out
             st["acknowledged_before_kill"] += int(alive and acknowledged)
             problems = verify(root, exact=want if acknowledged else None, **exp)
-            if (root / "catalog.sqlite").exists():
+            if (root / "catalog.sqlite").exists() and not problems:
                 with LoraIndex.open(root, readonly=True, device="cpu") as ix:
                     ix.check()
                     st["repairs"] += len(ix.repairs)   # snapshots that had to be rebuilt (not a failure)
-            with api(root) as ls:
-                rerun(ls)
-            with LoraIndex.open(root, readonly=True, device="cpu") as ix:
-                if ix.count() != want or not ix.check()["ok"]:
-                    problems.append(f"re-run ends with {ix.count()} adapters, want {want}")
+            try:
+                with api(root) as ls:
+                    rerun(ls)
+                with LoraIndex.open(root, readonly=True, device="cpu") as ix:
+                    if ix.count() != want or not ix.check()["ok"]:
+                        problems.append(f"re-run ends with {ix.count()} adapters, want {want}")
+            except Exception as e:
+                problems.append(f"re-run: {type(e).__name__}: {e}")
             if kind == "remove":
                 with api(main_ix) as ls:
                     ls.index_dir(gallery)               # back to the full gallery
+            done_so_far = sum(v["killed"] + v["finished_first"] for v in stats.values())
+            if done_so_far % 20 == 0:
+                log(f"{done_so_far} trials, {len(failures) + bool(problems)} failed")
             if problems:
                 st["failures"] += 1
                 failures.append({"kind": kind, "delay_s": round(delay, 4), "killed": alive, "problems": problems})
