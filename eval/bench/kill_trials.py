@@ -186,7 +186,10 @@ def run(trials: int = 50, seed: int = 0, workdir: str | None = None, log=print) 
         log("calibrated durations (s): " + ", ".join(f"{k} {v:.2f}" for k, v in durations.items()))
 
         stats = {k: {"killed": 0, "finished_first": 0, "failures": 0, "acknowledged_before_kill": 0,
-                     "repairs": 0} for k in plans}
+                     "repairs": 0, "no_index_yet": 0, "after_a_commit": 0} for k in plans}
+
+        def exp_before(kind, exp):
+            return 0 if kind == "create" else (exp["lower"] if kind != "remove" else exp["upper"])
         failures = []
         kinds = [k for k in plans for _ in range(trials)]
         rng.shuffle(kinds)
@@ -204,6 +207,13 @@ def run(trials: int = 50, seed: int = 0, workdir: str | None = None, log=print) 
             else:
                 st["killed"] += 1
             acknowledged = done in out
+            if alive:                               # where did the kill land?
+                if not (root / "catalog.sqlite").exists():
+                    st["no_index_yet"] += 1
+                else:
+                    with LoraIndex.open(root, readonly=True, device="cpu") as ix:
+                        now = ix.count()
+                    st["after_a_commit"] += int(now != exp_before(kind, exp))
             st["acknowledged_before_kill"] += int(alive and acknowledged)
             problems = verify(root, exact=want if acknowledged else None, **exp)
             if (root / "catalog.sqlite").exists() and not problems:
@@ -247,16 +257,18 @@ def to_markdown(res: dict, machine: str, seconds: float) -> str:
              "6-adapter folder into a new index). SIGKILL at a uniform random moment of the command after its "
              "imports (calibrated durations: " + ", ".join(f"{k} {v:.2f} s" for k, v in res["durations"].items())
              + "). A trial is counted as killed only if the process was still running.\n",
-             "| command | SIGKILLs | finished before the kill | printed its result, then killed | snapshot repairs seen | failures |",
-             "|---|---|---|---|---|---|"]
-    tot = {"killed": 0, "finished_first": 0, "acknowledged_before_kill": 0, "repairs": 0, "failures": 0}
+             "| command | SIGKILLs | killed before the index existed | killed after the command committed rows | "
+             "printed its result, then killed | finished before the kill (not counted) | snapshot repairs seen | failures |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = ("killed", "no_index_yet", "after_a_commit", "acknowledged_before_kill", "finished_first", "repairs",
+            "failures")
+    tot = dict.fromkeys(keys, 0)
     for kind, st in res["stats"].items():
-        lines.append(f"| {kind} | {st['killed']} | {st['finished_first']} | {st['acknowledged_before_kill']} | "
-                     f"{st['repairs']} | {st['failures']} |")
+        lines.append(f"| {kind} | " + " | ".join(str(st[k]) for k in keys) + " |")
         for k in tot:
             tot[k] += st[k]
-    lines.append(f"| **all** | **{tot['killed']}** | {tot['finished_first']} | {tot['acknowledged_before_kill']} | "
-                 f"{tot['repairs']} | **{tot['failures']}** |")
+    lines.append("| **all** | " + " | ".join(f"**{tot[k]}**" if k in ("killed", "failures") else str(tot[k])
+                                            for k in keys) + " |")
     lines.append("\nChecked after every trial: the index opens read-only (creation: or is absent, never half-made), "
                  "`check()` (catalog ids == FAISS ids, sample vectors byte-equal), each family finds its own vector at "
                  "cosine 1, the count never moves against the command (and equals what a printed result reported), "
