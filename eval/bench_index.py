@@ -16,6 +16,15 @@ n/100 centres (queries are new draws from the same clusters), which is what ANN 
 built for; ``random`` (default) is i.i.d. Gaussian, their worst case.
 
     python -m lorasearch.eval.bench_index --sizes 100000 --data clustered --factory IVF1024,Flat --nprobe 8 32 128
+
+``--add`` measures what one ``add`` of one file costs the store in indexes of each size (synthetic
+embeddings): a fresh process opens the index, looks the path up, upserts one record and closes,
+R times; time and bytes written (``wchar`` of /proc/self/io: every write/pwrite, SQLite's WAL
+and FAISS files alike). ``--baseline-python /work/main/.venv/bin/python`` runs the same child
+with another checkout's lorasearch beside it (the "before"), paired size by size. Compaction
+(rewriting a family's base once its delta passes 10 %) is measured separately (``compact()``).
+
+    python -m lorasearch.eval.bench_index --add --sizes 1000 10000 100000 --baseline-python /work/main/.venv/bin/python
 """
 from __future__ import annotations
 
@@ -151,6 +160,20 @@ def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: st
         t = time.perf_counter()
         index.search(q[None, :], k)
         raw.append(time.perf_counter() - t)
+    # the store's part of a warm API query: search for the re-rank depth (50) + the hits' records,
+    # one catalog query per hit (before) vs one batched get_many (after), paired per query
+    depth = min(50, n)
+    per_hit, batched_get = [], []
+    for q in queries:
+        t = time.perf_counter()
+        hits = ix.search(q, FAMILY, depth)[0]
+        recs = [ix.get(i) for i, _ in hits]
+        per_hit.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        hits = ix.search(q, FAMILY, depth)[0]
+        many = ix.get_many([i for i, _ in hits], brief=True)
+        batched_get.append(time.perf_counter() - t)
+        assert len(many) == len(recs) == depth
     batched = []
     for _ in range(5):
         t = time.perf_counter()
@@ -189,6 +212,9 @@ def bench_one(n: int, dim: int, n_queries: int, k: int, device: str, workdir: st
         "batch_gflops": 2 * n_queries * n * dim / batch_med / 1e9,
         "bound_ms": bound * 1e3, "single_ratio": med / bound, "batch_ratio": batch_med / bound,
         "bandwidth_GBps": bandwidth / 1e9,
+        "hits_depth": depth, "search_get_each_ms": float(np.median(per_hit)) * 1e3,
+        "search_get_many_ms": float(np.median(batched_get)) * 1e3,
+        "get_each_ratio": float(np.median(per_hit)) / bound, "get_many_ratio": float(np.median(batched_get)) / bound,
     }
 
 
@@ -220,14 +246,17 @@ def format_markdown(rows: list[dict]) -> str:
             f"{rows[0]['bandwidth_GBps']:.1f} GB/s\n\n" if rows else "")
     cols = ["N", "dim", "device", "add (rec/s)", "snapshot s", "cold open+query ms", "1-query median ms",
             "1-query p95 ms", "raw FAISS 1-query ms", f"batch of {rows[0]['n_queries'] if rows else '-'} ms",
-            "per query in batch ms", "batch GFLOP/s", "bandwidth bound ms", "1-query / bound", "batch / bound"]
+            "per query in batch ms", "batch GFLOP/s", "bandwidth bound ms", "1-query / bound", "batch / bound",
+            "search 50 + get each ms (before)", "search 50 + get_many ms (after)", "before / bound", "after / bound"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join([
             f"{r['n']:,}", str(r["dim"]), r["device"], f"{r['add_per_s']:,.0f}", f"{r['snapshot_s']:.2f}",
             f"{r['cold_open_query_ms']:.0f}", f"{r['single_median_ms']:.2f}", f"{r['single_p95_ms']:.2f}",
             f"{r['faiss_single_median_ms']:.2f}", f"{r['batch_ms']:.1f}", f"{r['batch_per_query_ms']:.3f}",
-            f"{r['batch_gflops']:.1f}", f"{r['bound_ms']:.2f}", f"{r['single_ratio']:.2f}", f"{r['batch_ratio']:.2f}"]) + " |")
+            f"{r['batch_gflops']:.1f}", f"{r['bound_ms']:.2f}", f"{r['single_ratio']:.2f}", f"{r['batch_ratio']:.2f}",
+            f"{r['search_get_each_ms']:.2f}", f"{r['search_get_many_ms']:.2f}", f"{r['get_each_ratio']:.2f}",
+            f"{r['get_many_ratio']:.2f}"]) + " |")
     return head + "\n".join(lines)
 
 
@@ -244,6 +273,100 @@ def format_ann_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ADD_CHILD = r"""
+import json, os, sys, time
+import numpy as np
+from lorasearch.indexer import LoraIndex
+n, dim, repeats, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+def wchar():
+    with open("/proc/self/io") as f:
+        return int(next(l for l in f if l.startswith("wchar")).split()[1])
+
+def rec(i, v):
+    return {"path": f"/bench/adapter_{i:07d}.safetensors", "sha256": f"{i:064x}", "family": "bench",
+            "embedding": v, "size": 1, "mtime_ns": i, "format": "bench"}
+
+rng = np.random.default_rng(0)
+ix = LoraIndex.open(path, create=True, device="cpu")
+ix.check_encoder("bench-random", "1", dim)
+with ix.writer():
+    for start in range(0, n, 10000):
+        m = min(10000, n - start)
+        ix.upsert([rec(start + i, v) for i, v in enumerate(rng.normal(size=(m, dim)).astype(np.float32))])
+new = hasattr(ix, "compact")
+if new:
+    ix.compact()
+ix.close()
+rows = []
+for r in range(repeats):
+    v = rng.normal(size=dim).astype(np.float32)
+    w0, t0 = wchar(), time.perf_counter()
+    ix = LoraIndex.open(path, device="cpu")
+    key = f"/bench/adapter_{n + r:07d}.safetensors"
+    known = ix.fingerprints_for([key]) if new else ix.fingerprints()   # what api._sync does
+    assert key not in known
+    ix.upsert([rec(n + r, v)])
+    compacted = bool(getattr(ix, "compactions", {}))
+    ix.close()
+    rows.append({"s": time.perf_counter() - t0, "bytes": wchar() - w0, "compacted": compacted})
+out = {"n": n, "adds": rows, "new": new}
+if new:
+    ix = LoraIndex.open(path, device="cpu")
+    w0, t0 = wchar(), time.perf_counter()
+    c = ix.compact()["bench"]
+    out["compaction"] = {"s": time.perf_counter() - t0, "bytes": wchar() - w0, "vectors": c["vectors"]}
+    ix.close()
+print(json.dumps(out))
+"""
+
+
+def bench_add(sizes=(1000, 10_000, 100_000), dim: int = 512, repeats: int = 15, python: str | None = None,
+              workdir: str | None = None) -> list[dict]:
+    """One row per size: median time and bytes written by one ``add`` of one file (store part, fresh
+    process per size, ``python`` = the interpreter whose lorasearch is measured)."""
+    import subprocess
+    import sys
+
+    rows = []
+    for n in sizes:
+        tmp = tempfile.mkdtemp(prefix="lorasearch-bench-add-", dir=workdir)
+        try:
+            env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+            out = subprocess.run([python or sys.executable, "-c", ADD_CHILD, str(n), str(dim), str(repeats),
+                                  os.path.join(tmp, "ix")], capture_output=True, text=True, check=True, env=env,
+                                 cwd=tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        plain = [a for a in res["adds"] if not a["compacted"]] or res["adds"]
+        rows.append({"n": n, "dim": dim, "repeats": repeats, "python": python or sys.executable,
+                     "add_median_ms": float(np.median([a["s"] for a in plain])) * 1e3,
+                     "add_bytes_median": int(np.median([a["bytes"] for a in plain])),
+                     "adds_that_compacted": sum(a["compacted"] for a in res["adds"]),
+                     "compaction_s": res.get("compaction", {}).get("s"),
+                     "compaction_bytes": res.get("compaction", {}).get("bytes")})
+    return rows
+
+
+def format_add_markdown(after: list[dict], before: list[dict] | None = None) -> str:
+    cols = ["N", "add ms (after)", "bytes written (after)", "compaction s", "compaction bytes"]
+    if before:
+        cols[1:1] = ["add ms (before)", "bytes written (before)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    first = after[0]["add_median_ms"] if after else 1.0
+    for i, r in enumerate(after):
+        cells = [f"{r['n']:,}", f"{r['add_median_ms']:.1f} ({r['add_median_ms'] / first:.2f}x of {after[0]['n']:,})",
+                 f"{r['add_bytes_median']:,}",
+                 "-" if r["compaction_s"] is None else f"{r['compaction_s']:.2f}",
+                 "-" if r["compaction_bytes"] is None else f"{r['compaction_bytes']:,}"]
+        if before:
+            b = before[i]
+            cells[1:1] = [f"{b['add_median_ms']:.1f}", f"{b['add_bytes_median']:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -257,7 +380,19 @@ def main(argv=None) -> None:
     p.add_argument("--nprobe", type=int, nargs="*", default=[], help="IVF nprobe values to sweep")
     p.add_argument("--ef-search", type=int, nargs="*", default=[], help="HNSW efSearch values to sweep")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--add", action="store_true", help="measure one add of one file per size instead of queries")
+    p.add_argument("--repeats", type=int, default=15, help="--add: adds per size")
+    p.add_argument("--baseline-python", default=None, help="--add: also run the child with this interpreter")
     args = p.parse_args(argv)
+    if args.add:
+        after = bench_add(tuple(args.sizes), args.dim, args.repeats)
+        before = bench_add(tuple(args.sizes), args.dim, args.repeats, args.baseline_python) \
+            if args.baseline_python else None
+        if args.json:
+            print(json.dumps({"version": 2, "after": after, "before": before}, indent=2))
+        else:
+            print(format_add_markdown(after, before))
+        return
     rows = run(tuple(args.sizes), args.dim, args.queries, args.k, args.device, args.threads or None,
                factory=args.factory, data=args.data, nprobes=args.nprobe, ef_searches=args.ef_search)
     if args.json:

@@ -2,8 +2,9 @@
 
 GPU FAISS cannot remove ids, rejects ``add_with_ids`` on flat indexes and cannot be written
 to disk, so the CPU ``IndexIDMap2`` stays the master and the GPU holds a per-family copy
-made with ``index_cpu_to_gpu`` that is replaced whenever the family's generation changes,
-never mutated, never persisted. GPU indexes are not thread-safe even for search, so every
+made with ``index_cpu_to_gpu``, never persisted. When the family's generation changes, a flat
+copy whose ids are a prefix of the master's (only adds happened) is extended in place with
+``add`` (the id map grows with it); anything else (a removal, an IVF copy) is re-uploaded. GPU indexes are not thread-safe even for search, so every
 GPU call runs on one dedicated worker thread that owns the ``StandardGpuResources``.
 """
 from __future__ import annotations
@@ -69,6 +70,8 @@ class GpuMirror:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasearch-gpu")
         self._copies: dict[str, tuple[int, object, np.ndarray]] = {}
         self._guard = threading.Lock()
+        self.uploads = 0          # whole-family uploads
+        self.appends = 0          # incremental adds to an existing flat copy
         self._res = self._pool.submit(self._make_resources).result()
 
     # the two calls that touch the device (overridden in tests to exercise the rest without a GPU)
@@ -92,11 +95,36 @@ class GpuMirror:
         except RuntimeError:                           # "not implemented on GPU" for this IVF variant
             return None
 
-    def _search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int, nprobe: int):
+    def _extend(self, current, generation: int, cpu_index, epoch):
+        """The flat copy moved forward by the vectors appended to ``cpu_index`` since it was made, or
+        None when something else changed. ``epoch`` is the caller's token for "same CPU object, no
+        removal since": a removal shifts the master (and an update of the last id would even keep
+        its id map identical), so only an unchanged epoch may be extended."""
+        if current is None or current[1] is None or current[1][1] is None or not kinds.is_flat(cpu_index):
+            return None
+        if epoch is None or current[2] != epoch:
+            return None
+        device_index, id_map = current[1]
+        ids = faiss.vector_to_array(cpu_index.id_map)
+        n0 = len(id_map)
+        if len(ids) < n0 or not np.array_equal(ids[:n0], id_map):
+            return None
+        if len(ids) > n0:
+            device_index.add(faiss.downcast_index(cpu_index.index).reconstruct_n(n0, len(ids) - n0))
+        self.appends += 1
+        return generation, (device_index, ids.copy()), epoch
+
+    def _search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int, nprobe: int,
+                epoch=None):
         current = self._copies.get(family)
+        if current is not None and current[0] != generation:
+            extended = self._extend(current, generation, cpu_index, epoch)
+            if extended is not None:
+                current = self._copies[family] = extended
         if current is None or current[0] != generation:
             self._copies.pop(family, None)            # free the stale copy before uploading the new one
-            current = (generation, self._upload(cpu_index))
+            current = (generation, self._upload(cpu_index), epoch)
+            self.uploads += 1
             self._copies[family] = current
         if current[1] is None:
             return None
@@ -108,11 +136,13 @@ class GpuMirror:
         ids = np.where(positions >= 0, id_map[np.maximum(positions, 0)], -1)
         return scores, ids
 
-    def search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int, nprobe: int = 1):
-        """(scores, ids) like ``Index.search``, uploading the family first if its copy is stale;
-        None when this family's index type has no GPU version (search it on the CPU)."""
+    def search(self, family: str, generation: int, cpu_index, queries: np.ndarray, k: int, nprobe: int = 1,
+               epoch=None):
+        """(scores, ids) like ``Index.search``, uploading the family first if its copy is stale (or
+        extending it, see ``_extend``); None when this family's index type has no GPU version."""
         with self._guard:
-            return self._pool.submit(self._search, family, generation, cpu_index, queries, k, nprobe).result()
+            return self._pool.submit(self._search, family, generation, cpu_index, queries, k, nprobe,
+                                     epoch).result()
 
     def generations(self) -> dict[str, int]:
         """Families with a live GPU copy and its generation (CPU-only families are left out)."""

@@ -4,9 +4,10 @@ The index in a file is ``IndexIDMap2(IndexFlatIP(dim))`` by default, or the type
 index's faiss factory string (see ``factory.py``).
 
 A snapshot's file name carries the catalog generation it reflects
-(``faiss/<family>.g<generation>.faiss``), so a reader knows without any extra manifest
-whether the file on disk matches the catalog: a missing, stale, unreadable or inconsistent
-file is simply rebuilt from the embeddings in the catalog. Files are written to a temp
+(``faiss/<family>.g<generation>.faiss``, the family's *base*); the catalog rows and tombstones
+newer than it are replayed on load (``segments.py``), and the result is validated against the
+catalog: a missing, unreadable or inconsistent file is simply rebuilt from the embeddings in
+the catalog. Files are written to a temp
 name, fsynced and ``os.replace``d, so a reader that already opened (or mmapped) the old
 file keeps a valid view, and a crash never leaves a half-written snapshot under the real name.
 """
@@ -55,17 +56,10 @@ def index_ids(index) -> np.ndarray:
     return kinds.ids_of(index)
 
 
-def load(path: Path, dim: int, expected_ids: np.ndarray, embeddings_of, mmap: bool = False,
-         factory: str = kinds.FLAT):
-    """Read and validate a snapshot; returns ``(index, None)`` or ``(None, reason)``.
-
-    Validation is cheap but catches what matters: right type and dim, exactly the catalog's
-    ids (FAISS silently accepts duplicates, so ntotal alone is not enough), and a sample of
-    vectors byte-identical to the catalog's embeddings (for types that store vectors exactly).
-    A flat fallback of a factory index big enough to be trained is reported as stale. ``embeddings_of(ids) -> {id: bytes}``.
+def read(path: Path, dim: int, mmap: bool = False, factory: str = kinds.FLAT):
+    """Read a base file and check its type and dim; returns ``(index, None)`` or ``(None, reason)``.
     ``mmap`` is for processes that will never mutate the index (FAISS aborts on add to an
-    mmapped index).
-    """
+    mmapped index)."""
     if not path.exists():
         return None, "missing"
     try:
@@ -77,23 +71,43 @@ def load(path: Path, dim: int, expected_ids: np.ndarray, embeddings_of, mmap: bo
         return None, f"dim {index.d} != catalog dim {dim}"
     if not kinds.matches(index, factory, dim):
         return None, f"wrong index type {type(index).__name__} for factory {factory}"
-    if kinds.is_fallback(index, factory) and len(expected_ids) >= kinds.min_train(factory, dim):
-        return None, f"flat fallback but {len(expected_ids)} vectors are enough to train {factory}"
+    return index, None
+
+
+def validate(index, expected_ids: np.ndarray, embeddings_of, factory: str = kinds.FLAT) -> str | None:
+    """None if ``index`` (a base with the catalog's deltas replayed) matches the catalog, else why not.
+
+    Cheap but catches what matters: exactly the catalog's ids (FAISS silently accepts duplicates,
+    so ntotal alone is not enough), and a sample of vectors byte-identical to the catalog's
+    embeddings (for types that store vectors exactly). A flat fallback of a factory index big
+    enough to be trained is reported as stale. ``embeddings_of(ids) -> {id: bytes}``.
+    """
+    if kinds.is_fallback(index, factory) and len(expected_ids) >= kinds.min_train(factory, index.d):
+        return f"flat fallback but {len(expected_ids)} vectors are enough to train {factory}"
     if index.ntotal != len(expected_ids):
-        return None, f"ntotal {index.ntotal} != catalog count {len(expected_ids)}"
+        return f"ntotal {index.ntotal} != catalog count {len(expected_ids)}"
     if not np.array_equal(np.sort(index_ids(index)), expected_ids):
-        return None, "ids differ from the catalog"
+        return "ids differ from the catalog"
     if len(expected_ids) and kinds.stores_exact(index):
         sample = expected_ids[np.linspace(0, len(expected_ids) - 1, min(SAMPLE_CHECK, len(expected_ids))).astype(int)]
         stored = embeddings_of(sample)
         for i in sample:
             if index.reconstruct(int(i)).tobytes() != stored[int(i)]:
-                return None, f"vector of id {int(i)} differs from the catalog"
-    return index, None
+                return f"vector of id {int(i)} differs from the catalog"
+    return None
 
 
-def write(index, path: Path) -> None:
-    """Atomically (temp file, fsync, rename, fsync dir) write ``index`` to ``path``."""
+def load(path: Path, dim: int, expected_ids: np.ndarray, embeddings_of, mmap: bool = False,
+         factory: str = kinds.FLAT):
+    """``read`` + ``validate`` of a whole snapshot (no deltas): ``(index, None)`` or ``(None, reason)``."""
+    index, reason = read(path, dim, mmap, factory)
+    if index is not None:
+        reason = validate(index, expected_ids, embeddings_of, factory)
+    return (index, None) if reason is None else (None, reason)
+
+
+def write(index, path: Path) -> int:
+    """Atomically (temp file, fsync, rename, fsync dir) write ``index`` to ``path``; returns its size."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         faiss.write_index(index, str(tmp))
@@ -102,6 +116,7 @@ def write(index, path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        size = tmp.stat().st_size
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -111,6 +126,7 @@ def write(index, path: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    return size
 
 
 _NAME = re.compile(r"(?P<stem>.+)\.g(?P<gen>\d+)\.faiss")

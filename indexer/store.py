@@ -3,14 +3,19 @@
 An index is a directory::
 
     catalog.sqlite          SQLite/WAL, the source of truth (records *and* embeddings)
-    faiss/<family>.g<N>.faiss   IndexIDMap2(IndexFlatIP(dim)) per family, a rebuildable snapshot
+    faiss/<family>.g<N>.faiss   IndexIDMap2(IndexFlatIP(dim)) per family, a rebuildable base snapshot
                                 (or the type of the faiss factory string fixed at creation)
     writer.lock             flock held by the one writer (its pid inside)
 
 Guarantees:
 - Nothing acknowledged is lost: ``upsert``/``remove`` return only after their SQLite transaction
-  committed; the FAISS snapshot is written afterwards and, if that never happens (crash, kill),
-  the next reader sees its generation is behind and rebuilds it from the catalog.
+  committed. A write costs O(1) in the index size: it commits rows stamped with their generation
+  (and tombstones); the FAISS base file is not rewritten. Readers load the base and replay what
+  the catalog holds beyond it (``segments.py``); the writer rewrites a base only when that delta
+  passes a fraction of it (compaction). A missing, stale or damaged base is rebuilt from the catalog.
+- Creating an index is atomic: ``catalog.sqlite`` appears complete or not at all; an unfinished
+  one (0 bytes, from an older lorasearch killed while creating) is re-created; a file that is not
+  a catalog is refused, never overwritten.
 - One writer at a time across processes (``IndexLockedError`` names the holder's pid);
   readers never take the lock and never wait for it.
 - Families are separate spaces: a query is only ever compared with adapters of its family.
@@ -36,12 +41,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import faiss
 import numpy as np
 
 from lorasearch.errors import (IncompatibleError, IndexLockedError, MissingError, UsageError)
 
 from . import factory as kinds
 from . import snapshot
+from . import catalog as catalog_mod
+from . import segments
 from .catalog import Catalog
 from .gpu import GPU_MAX_K, GpuMirror, resolve_device
 from .lock import WriterLock
@@ -67,6 +75,7 @@ class LoraIndex:
         self.nprobe = nprobe
         self.ef_search = ef_search
         self._min_train: int | None = None
+        self._removable: bool | None = None
         self._stale: set[str] = set()             # families whose cached index must be rebuilt from the catalog
         self.catalog = catalog
         self.readonly = readonly
@@ -77,7 +86,11 @@ class LoraIndex:
         self._deferred = 0                        # > 0 inside writer(): snapshots wait for flush()
         self._mutex = threading.RLock()
         self._cache: dict[str, tuple[int, object]] = {}   # family -> (generation, CPU index)
-        self._unsaved: set[str] = set()           # families whose cached index is not on disk yet
+        self._unsaved: set[str] = set()           # families whose cached index must become their base file
+        self._epoch: dict[str, int] = {}          # family -> changes when its cached index is replaced or shrinks
+        self._mapped: set[str] = set()            # families whose cached index is mmapped (never mutated)
+        self._pending: set[str] = set()           # families written inside writer(), checked at its end
+        self.compactions: dict[str, dict] = {}    # family -> the last base written (vectors, bytes, seconds)
         self._encoder: dict | None = None
         self._gpu = GpuMirror(gpu_ordinal) if gpu_ordinal is not None else None
 
@@ -108,22 +121,10 @@ class LoraIndex:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
         asked = None if factory is None else kinds.normalize(factory)
         catalog_path = root / CATALOG_FILE
-        if not catalog_path.is_file():
-            if not create:
-                raise MissingError(f"{root}: no lorasearch index here (no {CATALOG_FILE}); "
-                                   "build one with `lorasearch index DIR` or point --index at one")
-            if root.exists() and not root.is_dir():
-                raise UsageError(f"{root}: exists and is not a directory")
-            try:
-                if asked is not None:
-                    kinds.validate(asked)
-                root.mkdir(parents=True, exist_ok=True)
-                catalog = Catalog.create(catalog_path, meta={"faiss_factory": asked or kinds.FLAT,
-                                                             "nprobe": nprobe, "ef_search": ef_search})
-            except (OSError, sqlite3.Error) as e:
-                raise MissingError(f"{root}: cannot create an index here ({getattr(e, 'strerror', None) or e})") from None
-        else:
-            catalog = cls._open_existing(catalog_path, readonly)
+        if asked is not None:
+            kinds.validate(asked)
+        catalog = cls._open_or_create(root, catalog_path, create, readonly,
+                                      {"faiss_factory": asked or kinds.FLAT, "nprobe": nprobe, "ef_search": ef_search})
         try:
             catalog.check_schema()
             recorded = catalog.meta("faiss_factory") or kinds.FLAT   # indexes made before the option: flat
@@ -137,10 +138,43 @@ class LoraIndex:
             (root / SNAPSHOT_DIR).mkdir(exist_ok=True)
         return cls(root, catalog, readonly, gpu_ordinal, lock_timeout, recorded, nprobe, ef_search)
 
+    @classmethod
+    def _open_or_create(cls, root: Path, catalog_path: Path, create: bool, readonly: bool, meta: dict) -> Catalog:
+        """Open the catalog, creating it atomically if asked (see ``catalog.create_atomic``)."""
+        if catalog_path.exists() or catalog_path.is_symlink():
+            kind = "catalog" if not catalog_path.is_file() else catalog_mod.classify(catalog_path)
+            if kind.startswith("foreign"):
+                raise IncompatibleError(f"{catalog_path}: not a lorasearch catalog ({kind.split(': ', 1)[1]}); "
+                                        "refusing to use or overwrite it, point --index elsewhere")
+            if kind == "catalog":
+                return cls._open_existing(catalog_path, readonly)
+            if not create:          # unfinished: only a writer that was asked to create may finish it
+                raise MissingError(f"{root}: the index was never finished being created (empty {CATALOG_FILE}); "
+                                   "run `lorasearch index DIR` to create it again")
+        elif not create:
+            raise MissingError(f"{root}: no lorasearch index here (no {CATALOG_FILE}); "
+                               "build one with `lorasearch index DIR` or point --index at one")
+        if readonly:
+            raise UsageError(f"{root}: cannot create an index read-only")
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"{root}: exists and is not a directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not catalog_path.exists():
+                catalog_mod.create_atomic(catalog_path, meta)     # False: a concurrent creator won
+            else:
+                with WriterLock(root / LOCK_FILE, label=str(root)) as lock:
+                    lock.label = str(root)
+                    if catalog_mod.classify(catalog_path) == "unfinished":   # still, now that we hold the lock
+                        catalog_mod.create_atomic(catalog_path, meta, replace=True)
+        except (OSError, sqlite3.Error) as e:
+            raise MissingError(f"{root}: cannot create an index here ({getattr(e, 'strerror', None) or e})") from None
+        return cls._open_existing(catalog_path, readonly)
+
     @staticmethod
     def _open_existing(catalog_path: Path, readonly: bool) -> Catalog:
-        """Open a catalog file; if it has no schema yet and was just created, another process is
-        creating it (its schema transaction has not committed): wait a little instead of failing."""
+        """Open a catalog file; if it has no schema yet and was just created (by an older lorasearch
+        that did not create atomically), wait a little for its schema transaction instead of failing."""
         deadline = time.monotonic() + 5.0
         while True:
             catalog = Catalog(catalog_path, readonly=readonly)
@@ -257,7 +291,8 @@ class LoraIndex:
                 self._deferred -= 1
                 try:
                     if self._deferred == 0:
-                        self.flush()
+                        pending, self._pending = self._pending, set()
+                        self.flush(pending)
                 finally:
                     self._release()
 
@@ -268,45 +303,99 @@ class LoraIndex:
     def _family_generation(self, family: str) -> int | None:
         return self.catalog.family_generations().get(family)
 
+    def _base_path(self, family: str) -> Path | None:
+        """The family's base file as the catalog names it now (None: never written, or no family)."""
+        state = self.catalog.family_state(family)
+        return None if state is None or state[1] == 0 else self._snapshot_path(family, state[1])
+
     def _family_index(self, family: str):
         """``(index, generation)`` reflecting the catalog now, or ``(None, None)`` for an unknown family.
 
-        Loads the snapshot named by the catalog's generation; if it is missing, stale or does
-        not match the catalog, rebuilds it from the catalog's embeddings (and records why).
+        A cached index a few generations behind is brought forward by replaying the catalog's
+        delta (O(delta)); otherwise the base file is loaded and the delta since it replayed, and
+        the result checked against the catalog; a missing or damaged base is rebuilt from the
+        catalog's embeddings (and why is recorded in ``repairs``).
         """
-        for attempt in range(2):
+        for attempt in range(3):
             with self.catalog.read():
-                gen = self._family_generation(family)
-                if gen is None:
+                state = self.catalog.family_state(family)
+                if state is None:
                     self._cache.pop(family, None)
                     return None, None
+                gen, base, base_n = state
                 cached = self._cache.get(family)
-                if cached is not None and cached[0] == gen and family not in self._stale:
-                    return cached[1], gen
+                if cached is not None and family not in self._stale:
+                    if cached[0] == gen:
+                        return cached[1], gen
+                    if base <= cached[0] < gen:
+                        # a memory-mapped index is read-only: catch up on an owned in-memory copy
+                        index = (faiss.deserialize_index(faiss.serialize_index(cached[1])) if family in self._mapped
+                                 else cached[1])
+                        if self._catch_up(family, index, cached[0]):
+                            if family in self._mapped:
+                                self._mapped.discard(family)
+                                self._new_epoch(family)
+                            self._cache[family] = (gen, index)
+                            return index, gen
+                self._cache.pop(family, None)
+                self._mapped.discard(family)
                 dim = self._require_dim()
-                if family in self._stale:         # a planned rebuild (HNSW removal, first training)
+                if family in self._stale or base == 0:   # planned rebuild (HNSW removal, training) or no base yet
                     ids, vectors = self.catalog.family_vectors(family, dim)
                     index = snapshot.build(dim, ids, vectors, self.factory)
+                    if family in self._stale or segments.needs_compaction(len(ids), base_n):
+                        self._unsaved.add(family)
                     self._stale.discard(family)
-                    self._unsaved.add(family)
                     self._cache[family] = (gen, index)
+                    self._new_epoch(family)
                     return index, gen
-                ids = self.catalog.family_ids(family)
-                index, reason = snapshot.load(self._snapshot_path(family, gen), dim, ids,
-                                              self.catalog.embeddings, mmap=self.readonly, factory=self.factory)
+                delta = self.catalog.delta_size(family, base)
+                mmap = self.readonly and delta == 0
+                index, reason = snapshot.read(self._snapshot_path(family, base), dim, mmap=mmap, factory=self.factory)
+                if index is not None and delta and not self._catch_up(family, index, base):
+                    self._stale.add(family)     # cannot replay removals (HNSW) or due for training: planned
+                    continue                    # rebuild, on the next pass (not a repair)
+                if index is not None and reason is None:
+                    reason = snapshot.validate(index, self.catalog.family_ids(family), self.catalog.embeddings,
+                                               self.factory)
+                    if reason is None and segments.needs_compaction(delta, base_n):
+                        self._unsaved.add(family)        # persisted by the next writer / _save_repairs
                 # a missing file may mean a writer just replaced it: look again once, in a fresh transaction
-                if index is not None or reason != "missing" or attempt == 1 or self._lock_depth:
-                    if index is None:
+                if reason is None or reason != "missing" or attempt >= 1 or self._lock_depth:
+                    if reason is not None:
                         ids, vectors = self.catalog.family_vectors(family, dim)
                         index = snapshot.build(dim, ids, vectors, self.factory)
                         self.repairs[family] = reason
                         self._unsaved.add(family)
+                    elif mmap:
+                        self._mapped.add(family)
                     self._cache[family] = (gen, index)
+                    self._new_epoch(family)
                     return index, gen
         raise AssertionError("unreachable")
 
+    def _catch_up(self, family: str, index, since: int) -> bool:
+        """Replay the catalog's changes to ``family`` after generation ``since`` into ``index`` (inside a
+        read transaction). False when it cannot (the type cannot remove, or a factory index is now
+        due for training): the caller rebuilds."""
+        dim = self._require_dim()
+        ids, vectors = self.catalog.changed_since(family, since, dim)
+        dropped = segments.replay(index, self.catalog.removed_since(family, since), ids, vectors)
+        if dropped is None:
+            return False
+        if dropped:
+            self._new_epoch(family)                 # removals shift the vectors: a GPU copy re-uploads
+        if len(ids) and kinds.is_fallback(index, self.factory) and index.ntotal >= self._train_min(dim):
+            self._stale.add(family)                 # enough vectors now: train the factory type
+            return False
+        return True
+
+    def _new_epoch(self, family: str) -> None:
+        self._epoch[family] = self._epoch.get(family, 0) + 1
+
     def _save_repairs(self) -> None:
-        """Persist snapshots rebuilt by a reader, if no writer is busy (never waits for the lock)."""
+        """Persist rebuilt snapshots and due compactions found by a reader, if no writer is busy
+        (never waits for the lock)."""
         if self.readonly or not self._unsaved or self._deferred:
             return
         with self._mutex:
@@ -319,18 +408,65 @@ class LoraIndex:
             finally:
                 self._release()
 
-    def flush(self) -> None:
-        """Make the snapshot files match the catalog: write unsaved or missing ones, delete stale ones."""
+    def flush(self, families: Iterable[str] | None = None) -> None:
+        """Make the base files match the catalog where it is due: write bases that were rebuilt,
+        are missing, or whose delta passed the compaction fraction; delete files no base names.
+        ``families``: only check these for compaction (the ones just written); default all."""
         with self._mutex, self._writing():
             with self.catalog.read():
-                current = self.catalog.family_generations()
-            for family, gen in sorted(current.items()):
-                path = self._snapshot_path(family, gen)
-                if family in self._unsaved or not path.exists():
-                    index, at = self._family_index(family)
-                    snapshot.write(index, self._snapshot_path(family, at))
+                states = {f: self.catalog.family_state(f) for f in self.catalog.family_generations()}
+            check = set(states) if families is None else set(families)
+            for family, (gen, base, base_n) in sorted(states.items()):
+                if family in self._unsaved or (base and not self._snapshot_path(family, base).exists()):
+                    due = True
+                elif family in check:
+                    with self.catalog.read():
+                        due = segments.needs_compaction(self.catalog.delta_size(family, base), base_n)
+                else:
+                    due = False
+                if due:
+                    self._compact(family)
             self._unsaved.clear()
-            snapshot.prune(self.root / SNAPSHOT_DIR, current)
+            with self.catalog.read():
+                bases = {f: b for f, b in self.catalog.family_bases().items() if b}
+            snapshot.prune(self.root / SNAPSHOT_DIR, bases)
+
+    def compact(self) -> dict:
+        """Write every family's base at its current generation (delta 0); returns what ``flush`` would
+        report: ``{family: {"vectors", "bytes", "seconds"}}`` for the bases written."""
+        with self._mutex, self._writing():
+            self.compactions.clear()
+            with self.catalog.read():
+                states = {f: self.catalog.family_state(f) for f in self.catalog.family_generations()}
+            for family, (gen, base, _n) in sorted(states.items()):
+                if base != gen or not self._snapshot_path(family, base).exists():
+                    self._compact(family)
+            self._unsaved.clear()
+            with self.catalog.read():
+                bases = {f: b for f, b in self.catalog.family_bases().items() if b}
+            snapshot.prune(self.root / SNAPSHOT_DIR, bases)
+            return {f: dict(c) for f, c in self.compactions.items()}
+
+    def _compact(self, family: str) -> None:
+        """Write the family's full index as its new base (lock held), then point the catalog at it.
+        A kill between the rename and the commit leaves an unnamed file that the next prune deletes."""
+        started = time.perf_counter()
+        index, at = self._family_index(family)
+        if index is None:
+            return
+        if family in self._mapped:       # never true for a writer (mmap is read-only), kept for safety
+            return
+        path = self._snapshot_path(family, at)
+        snapshot.write(index, path)
+        size = path.stat().st_size
+        with self.catalog.write():
+            state = self.catalog.family_state(family)
+            if state is None or state[0] != at:
+                return                   # cannot happen under the lock; then the file is simply pruned
+            self.catalog.set_base(family, at, int(index.ntotal))
+        self._unsaved.discard(family)
+        self.compactions[family] = {"vectors": int(index.ntotal), "bytes": int(size),
+                                    "seconds": round(time.perf_counter() - started, 6)}
 
     # -- writes -------------------------------------------------------------------------
     def _prepare(self, records: list[dict], dim: int) -> list[tuple[dict, np.ndarray]]:
@@ -354,8 +490,22 @@ class LoraIndex:
             norm = float(np.linalg.norm(vec))
             if norm > 0:
                 vec = (vec / norm).astype(np.float32)
+            blob = rec.get("rerank")
+            if blob is not None:
+                if not isinstance(blob, (bytes, bytearray, memoryview)):
+                    raise UsageError(f"{path}: rerank must be bytes, got {type(blob).__name__}")
+                if len(blob) > catalog_mod.RERANK_MAX_BYTES:
+                    raise UsageError(f"{path}: rerank record of {len(blob):,} bytes exceeds the "
+                                     f"{catalog_mod.RERANK_MAX_BYTES:,}-byte bound")
             out.append((dict(rec, path=path, family=family), vec))
         return out
+
+    def _can_remove(self, dim: int) -> bool:
+        """Whether this index type removes ids in place (flat, IVF, PQ...; not HNSW/NSG graphs)."""
+        if self._removable is None:
+            inner = faiss.downcast_index(faiss.index_factory(int(dim), self.factory, faiss.METRIC_INNER_PRODUCT))
+            self._removable = not isinstance(inner, (faiss.IndexHNSW, faiss.IndexNSG))
+        return self._removable
 
     def _train_min(self, dim: int) -> int:
         if self._min_train is None:
@@ -373,7 +523,8 @@ class LoraIndex:
 
         A record is a dict with ``path``, ``sha256``, ``family``, ``embedding`` (float32 [dim])
         and optionally ``size``, ``mtime_ns``, ``format``, ``ranks``, ``n_modules``,
-        ``delta_norm``, ``metadata``, ``info`` (JSON-able).
+        ``delta_norm``, ``metadata``, ``info`` (JSON-able) and ``rerank`` (bytes: a compact
+        record for exact re-scoring, at most ``catalog.RERANK_MAX_BYTES``; see ``rerank_blobs``).
         """
         records = list(records)
         if not records:
@@ -383,19 +534,21 @@ class LoraIndex:
             prepared = self._prepare(records, dim)
             with self.catalog.read():
                 previous = self.catalog.families_of_paths([r["path"] for r, _ in prepared])
-            touched = {r["family"] for r, _ in prepared} | previous
-            for family in touched - self._stale:   # bring the in-memory copies up to date first
-                self._family_index(family)
+                touched = {r["family"] for r, _ in prepared} | previous
+                before = {f: self._family_generation(f) for f in touched}
             with self.catalog.write():
+                gen = self.catalog.next_generation()
                 ids, replaced = [], []
                 for rec, vec in prepared:
-                    adapter_id, old_family = self.catalog.upsert(rec, vec.tobytes())
+                    adapter_id, old_family = self.catalog.upsert(rec, vec.tobytes(), gen)
                     ids.append(adapter_id)
                     if old_family is not None:
                         replaced.append((adapter_id, old_family))
-                gen = self.catalog.bump(touched)
+                self.catalog.bump(touched, gen)
             added = [(i, rec["family"], vec) for i, (rec, vec) in zip(ids, prepared)]
-            self._apply(touched, gen, dim, removed=replaced, added=added)
+            if replaced and not self._can_remove(dim):   # a base of this type could never replay them
+                self._unsaved.update(f for _i, f in replaced)
+            self._apply(touched, before, gen, dim, removed=replaced, added=added)
         return ids
 
     def remove(self, ids_or_paths) -> int:
@@ -414,17 +567,19 @@ class LoraIndex:
                         raise UsageError(f"remove: expected an id or a path, got {item!r}")
                     if rec is not None:
                         targets[rec["id"]] = rec["family"]
+                touched = set(targets.values())
+                before = {f: self._family_generation(f) for f in touched}
             if not targets:
                 return 0
             dim = self._require_dim()
-            touched = set(targets.values())
-            for family in touched - self._stale:   # stale ones are rebuilt from the catalog anyway
-                self._family_index(family)
             with self.catalog.write():
+                gen = self.catalog.next_generation()
                 for adapter_id in targets:
-                    self.catalog.delete(adapter_id)
-                gen = self.catalog.bump(touched)
-            self._apply(touched, gen, dim, removed=list(targets.items()), added=[])
+                    self.catalog.delete(adapter_id, gen)
+                self.catalog.bump(touched, gen)
+            if not self._can_remove(dim):                 # a base of this type could never replay them
+                self._unsaved.update(touched)
+            self._apply(touched, before, gen, dim, removed=list(targets.items()), added=[])
         return len(targets)
 
     def touch(self, adapter_id: int, size: int | None = None, mtime_ns: int | None = None) -> bool:
@@ -432,8 +587,10 @@ class LoraIndex:
         with self._mutex, self._writing(), self.catalog.write():
             return self.catalog.touch(int(adapter_id), size, mtime_ns)
 
-    def _apply(self, touched: set[str], gen: int, dim: int, removed, added) -> None:
-        """Mirror a committed transaction into the cached FAISS indexes (remove, then add), then flush."""
+    def _apply(self, touched: set[str], before: dict, gen: int, dim: int, removed, added) -> None:
+        """Mirror a committed transaction into the cached FAISS indexes that were current (remove,
+        then add); families not cached stay on disk untouched (their next load replays the catalog).
+        Then, outside ``writer()``, compact the touched families where it is due."""
         try:
             with self.catalog.read():
                 live = self.catalog.family_generations()
@@ -441,21 +598,25 @@ class LoraIndex:
                 cached = self._cache.pop(family, None)
                 if family not in live:
                     self._stale.discard(family)
+                    self._unsaved.discard(family)
                     continue                        # family emptied: its files go at the next prune
-                self._unsaved.add(family)
-                if family in self._stale:
-                    continue                        # rebuilt from the catalog when next needed
-                index = cached[1] if cached is not None else snapshot.build(dim, np.empty(0, np.int64), None,
-                                                                            self.factory)   # new family
+                if family in self._stale or cached is None or cached[0] != before.get(family) \
+                        or family in self._mapped:
+                    continue                        # loaded (base + delta) when next needed
+                index = cached[1]
                 gone = np.array([i for i, f in removed if f == family], dtype=np.int64)
+                if len(gone):
+                    self._new_epoch(family)
                 if len(gone) and not kinds.remove(index, gone):
-                    self._stale.add(family)         # the type cannot remove (HNSW): the catalog is the truth
+                    self._stale.add(family)         # the type cannot remove (HNSW): rebuild and persist it
+                    self._unsaved.add(family)
                     continue
                 mine = [(i, v) for i, f, v in added if f == family]
                 if mine:
                     index.add_with_ids(np.stack([v for _, v in mine]), np.array([i for i, _ in mine], dtype=np.int64))
                 if kinds.is_fallback(index, self.factory) and index.ntotal >= self._train_min(dim):
                     self._stale.add(family)         # enough vectors now: train the factory type
+                    self._unsaved.add(family)
                     continue
                 self._cache[family] = (gen, index)
         except BaseException:
@@ -463,7 +624,9 @@ class LoraIndex:
                 self._cache.pop(family, None)
             raise
         if not self._deferred:
-            self.flush()
+            self.flush(touched)
+        else:
+            self._pending.update(touched)
 
     # -- reads --------------------------------------------------------------------------
     def search(self, vectors, family: str, k: int = 10, nprobe: int | None = None,
@@ -496,7 +659,7 @@ class LoraIndex:
             nprobe, ef_search = int(nprobe or self.nprobe), int(ef_search or self.ef_search)
             found = None
             if self._gpu is not None and kk <= GPU_MAX_K and nprobe <= GPU_MAX_K:
-                found = self._gpu.search(family, gen, index, queries, kk, nprobe)
+                found = self._gpu.search(family, gen, index, queries, kk, nprobe, epoch=self._epoch.get(family))
             if found is not None:
                 scores, ids = found
             else:
@@ -511,14 +674,21 @@ class LoraIndex:
         with self._mutex:
             return self.catalog.get(int(adapter_id))
 
+    def get_many(self, ids, brief: bool = False) -> dict[int, dict]:
+        """``{id: record}`` for those of ``ids`` that exist, in one catalog read (a query's hits).
+        ``brief=True`` leaves out ``ranks``/``metadata``/``info`` (not parsed: cheaper per hit)."""
+        with self._mutex, self.catalog.read():
+            return self.catalog.get_many([int(i) for i in ids], brief)
+
+    def rerank_blobs(self, ids) -> dict[int, bytes]:
+        """``{id: blob}`` of the re-rank records stored with ``upsert(rec["rerank"])``; ids without
+        one (or unknown) are left out."""
+        with self._mutex, self.catalog.read():
+            return self.catalog.rerank_blobs([int(i) for i in ids])
+
     def by_path(self, path) -> dict | None:
         with self._mutex:
             return self.catalog.by_path(_resolve(path))
-
-    def get_many(self, ids) -> dict[int, dict]:
-        """``{id: record}`` for the ids that exist (the ``Store`` protocol's batch read)."""
-        with self._mutex, self.catalog.read():
-            return {r["id"]: r for r in (self.catalog.get(int(i)) for i in ids) if r is not None}
 
     def by_sha256(self, sha256: str) -> list[dict]:
         with self._mutex:
@@ -534,6 +704,13 @@ class LoraIndex:
         re-index can skip unchanged files and prune vanished ones without loading full records."""
         with self._mutex:
             return self.catalog.fingerprints()
+
+    def fingerprints_for(self, paths) -> dict[str, tuple[int, int | None, int | None, str, str]]:
+        """``fingerprints()`` for just ``paths`` (resolved like catalog keys; absent ones left out):
+        looked up by key, so syncing a few files costs the same in an index of any size."""
+        keys = list(dict.fromkeys(_resolve(p) for p in paths))
+        with self._mutex, self.catalog.read():
+            return self.catalog.fingerprints_for(keys)
 
     def count(self, family: str | None = None) -> int:
         with self._mutex:
@@ -559,6 +736,7 @@ class LoraIndex:
     def stats(self) -> dict:
         with self._mutex, self.catalog.read():
             gens = self.catalog.family_generations()
+            bases = self.catalog.family_bases()
             out = {
                 "path": str(self.root),
                 "count": self.catalog.count(),
@@ -567,7 +745,9 @@ class LoraIndex:
                 "dim": self.dim,
                 "generation": self.catalog.generation(),
                 "schema_version": int(self.catalog.meta("schema_version")),
-                "snapshots": {f: {"generation": g, "on_disk": self._snapshot_path(f, g).exists(),
+                "snapshots": {f: {"generation": g, "base": bases.get(f, 0),
+                                  "on_disk": bool(bases.get(f)) and self._snapshot_path(f, bases[f]).exists(),
+                                  "delta": self.catalog.delta_size(f, bases.get(f, 0)),
                                   "index": self._describe(f)} for f, g in sorted(gens.items())},
                 "faiss_factory": self.factory,
                 "nprobe": self.nprobe,
@@ -609,8 +789,9 @@ class LoraIndex:
             for family, n in counts.items():
                 index, gen = self._family_index(family)
                 ntotal = 0 if index is None else int(index.ntotal)
+                base = self._base_path(family)
                 report[family] = {"catalog": n, "faiss": ntotal, "generation": gen,
-                                  "on_disk": gen is not None and self._snapshot_path(family, gen).exists()}
+                                  "on_disk": base is not None and base.exists()}
                 if ntotal != n:
                     problems.append(f"{family}: FAISS holds {ntotal} vectors, catalog {n}")
                 elif index is not None and not np.array_equal(np.sort(snapshot.index_ids(index)),

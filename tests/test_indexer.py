@@ -302,10 +302,11 @@ def test_crash_between_commit_and_snapshot(ix, tmp_path):
         assert again.count() == 5                       # the acknowledged write survived
         top = again.search(np.ones(DIM), "sd1", 1)[0][0]
         assert again.get(top[0])["path"] == "/adapters/held.safetensors"
-        assert again.repairs == {"sd1": "missing"}
+        assert again.repairs == {}                      # replayed from the catalog onto the base, no rebuild
         assert again.check()["ok"]
-        assert again.stats()["snapshots"]["sd1"]["on_disk"]     # the repair was persisted
-        assert len(snapshot_files(again)) == 1                  # and the stale file pruned
+        assert again.stats()["snapshots"]["sd1"]["on_disk"]     # the delta (1 of 4) was compacted
+        assert again.stats()["snapshots"]["sd1"]["delta"] == 0
+        assert len(snapshot_files(again)) == 1                  # and the old base pruned
     with LoraIndex.open(tmp_path / "ix", device="cpu") as third:
         third.search(np.ones(DIM), "sd1", 1)
         assert third.repairs == {}
@@ -353,8 +354,8 @@ def test_writer_batches_snapshot_writes(ix, monkeypatch):
         assert writes == [] and not ix.stats()["snapshots"]["sd1"]["on_disk"]
     assert sorted(writes) == sorted(snapshot_files(ix)) and len(writes) == 2
     writes.clear()
-    ix.upsert([rec(500)])                     # outside writer(): one snapshot write per call
-    assert len(writes) == 1
+    ix.upsert([rec(500)])                     # outside writer(): a small delta stays in the catalog
+    assert writes == [] and ix.stats()["snapshots"]["sd1"]["delta"] == 1
     assert ix.check()["ok"] and ix.count() == 99
 
 
