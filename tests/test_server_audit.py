@@ -105,3 +105,18 @@ def test_label_writes_then_label_query_and_info_show_them(served):
     _assert_error(client.delete("/adapters/99999/labels/x", headers=AUTH), 404, "missing")
     with Lorasearch(index, readonly=True) as ls:
         assert ls.labels().labels == {"sentiment": 2, "topic": 1}
+
+
+def test_label_writes_on_a_locked_index_answer_409_and_change_nothing(served):
+    client, _app, index, _g = served
+    aid = _id_of(client, "topic-04")
+    other = Lorasearch(index, device="cpu")          # another writer (its own flock)
+    try:
+        with other.index.writer():
+            _assert_error(client.put(f"/adapters/{aid}/labels", json={"labels": ["x"]}, headers=AUTH), 409, "locked")
+            _assert_error(client.delete(f"/adapters/{aid}/labels/x", headers=AUTH), 409, "locked")
+            assert client.get("/dedupe").status_code == 200                     # reads go on
+    finally:
+        other.close()
+    assert client.get(f"/adapters/{aid}").json()["index"]["labels"] == []
+    assert client.put(f"/adapters/{aid}/labels", json={"labels": ["x"]}, headers=AUTH).json()["new"] == 1
