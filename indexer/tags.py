@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from lorasearch.errors import UsageError
+from lorasearch.errors import UnavailableError, UsageError
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS tags (adapter_id INTEGER NOT NULL, label TEXT NOT NULL, "
@@ -36,6 +36,12 @@ def check_label(label: str) -> str:
     return text
 
 
+def _writable(index) -> None:
+    if getattr(index, "catalog", None) is None:
+        raise UnavailableError(f"{getattr(index, 'root', 'this index')}: labels are kept in the faiss store's "
+                               "SQLite catalog; this store has none")
+
+
 def _ensure(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA:
         conn.execute(statement)
@@ -46,6 +52,7 @@ def add(index, pairs: list[tuple[int, str]], lock_timeout: float | None = None) 
     were new. Ids that are not in the catalog are ignored (callers resolve ids first)."""
     pairs = [(int(i), check_label(lab)) for i, lab in pairs]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _writable(index)
     with index.writer(lock_timeout), index.catalog.write():
         conn = index.catalog.conn
         _ensure(conn)
@@ -57,6 +64,7 @@ def add(index, pairs: list[tuple[int, str]], lock_timeout: float | None = None) 
 
 def remove(index, adapter_id: int, labels: list[str] | None = None, lock_timeout: float | None = None) -> int:
     """Detach ``labels`` (all of them when None) from one adapter; returns how many were removed."""
+    _writable(index)
     with index.writer(lock_timeout), index.catalog.write():
         conn = index.catalog.conn
         _ensure(conn)
@@ -68,6 +76,8 @@ def remove(index, adapter_id: int, labels: list[str] | None = None, lock_timeout
 
 
 def _select(index, sql: str, args: tuple = ()) -> list[tuple]:
+    if getattr(index, "catalog", None) is None:
+        return []                                      # a store without the SQLite catalog has no labels
     try:
         return index.catalog.conn.execute(sql, args).fetchall()
     except sqlite3.OperationalError as e:

@@ -20,8 +20,9 @@ from lorasearch import watch as _watch
 from lorasearch.errors import IncompatibleError, MissingError
 from lorasearch.ingest import adapter_root, is_peft_folder, stat_adapter  # noqa: F401 -- public helpers
 from lorasearch.query import RERANK_BYTES, RERANK_FACTOR, RERANK_MIN, SAME_UPDATE_COSINE  # noqa: F401
-from lorasearch.results import (JSON_VERSION, InfoResult, QueryResult, RemoveResult,  # noqa: F401
-                                StatsResult, SyncReport)
+from lorasearch.results import (JSON_VERSION, DedupeResult, ExplainResult, InfoResult,  # noqa: F401
+                                LabelResult, LabelsResult, QueryResult, RemoveResult, StatsResult,
+                                SyncReport, TagResult, UntagResult)
 
 DEFAULT_INDEX = ".lorasearch"
 
@@ -40,15 +41,42 @@ def default_index_path() -> Path:
     return Path(os.environ.get("LORASEARCH_INDEX") or DEFAULT_INDEX)
 
 
-def info(path: str | os.PathLike) -> InfoResult:
-    """Format, family, modules, ranks, alpha, metadata and warnings of one adapter (``lorasearch info``)."""
+def info(path: str | os.PathLike, index: str | os.PathLike | None = None) -> InfoResult:
+    """Format, family, modules, ranks, alpha, metadata and warnings of one adapter (``lorasearch info``).
+
+    With ``index``: when an index exists there and the file is in it, ``indexed`` gives its id and
+    labels. The index is opened read-only and only if it is there; it never makes ``info`` fail."""
     from lorasearch.adapters import describe, load_adapter
 
     path = Path(path)
     if not path.exists():
         raise MissingError(f"{path}: no such file or directory")
     stat_adapter(adapter_root(path))     # a FIFO/device is refused before anything opens it
-    return InfoResult(describe(load_adapter(path)))
+    res = InfoResult(describe(load_adapter(path)))
+    if index is not None:
+        res.indexed = _indexed_entry(Path(index), path)
+    return res
+
+
+def _indexed_entry(index: Path, path: Path) -> dict | None:
+    """``{"index", "id", "labels"}`` of ``path`` in the faiss index at ``index``, or None (no index
+    there, not indexed, unreadable index). Only an existing SQLite catalog is opened (labels live
+    there; never a Milvus connection that could hang ``info``)."""
+    from lorasearch.indexer.store import CATALOG_FILE
+
+    if not (index / CATALOG_FILE).is_file():
+        return None
+    try:
+        with Lorasearch(index, readonly=True, device="cpu") as ls:
+            from lorasearch.indexer import tags
+
+            rec = ls.index.by_path(os.path.realpath(adapter_root(path)))
+            if rec is None:
+                return None
+            return {"index": str(ls.path), "id": rec["id"],
+                    "labels": tags.labels_of(ls.index, [rec["id"]]).get(rec["id"], [])}
+    except Exception:  # noqa: BLE001 -- the index is an extra here: `info` describes the file regardless
+        return None
 
 
 class Lorasearch:
@@ -149,6 +177,48 @@ class Lorasearch:
         return StatsResult(str(self.path), self.index.stats())
 
     info = staticmethod(info)
+
+    # -- auditing (issue 12: lorasearch.audit, labels in indexer.tags) -----------------------
+    def dedupe(self, threshold: float | None = None, norm_tol: float | None = None, k: int | None = None,
+               bound: float | None = None, family: str | None = None) -> DedupeResult:
+        """Clusters of the same adapter (exact or same-update) across the index; see ``audit.dedupe``."""
+        from lorasearch import audit
+
+        given = dict(threshold=threshold, norm_tol=norm_tol, k=k, bound=bound)
+        return audit.dedupe(self, family=family, **{n: v for n, v in given.items() if v is not None})
+
+    def explain(self, path: str | os.PathLike, k: int | None = None) -> ExplainResult:
+        """Is ``path`` a merge of indexed adapters? NNLS over its top-``k`` candidates' exact ΔW."""
+        from lorasearch import audit
+
+        return audit.explain(self, path, k=audit.EXPLAIN_K if k is None else k)
+
+    def label(self, path: str | os.PathLike, k: int | None = None, min_similarity: float | None = None,
+              min_agreement: float | None = None, rerank: int | None = None) -> LabelResult:
+        """Labels of ``path`` predicted from its labelled neighbours (similarity-weighted kNN)."""
+        from lorasearch import audit
+
+        given = dict(k=k, min_similarity=min_similarity, min_agreement=min_agreement)
+        return audit.label(self, path, rerank=rerank, **{n: v for n, v in given.items() if v is not None})
+
+    def tag(self, item: str | int | None = None, labels: Iterable[str] = (),
+            labels_file: str | os.PathLike | None = None) -> TagResult:
+        """Attach ``labels`` to the adapter ``item`` (id or path), or every row of a ``name,label`` CSV."""
+        from lorasearch import audit
+
+        return audit.tag(self, item, list(labels), labels_file)
+
+    def untag(self, item: str | int, labels: Iterable[str] = ()) -> UntagResult:
+        """Detach ``labels`` (all when none are given) from the adapter ``item`` (id or path)."""
+        from lorasearch import audit
+
+        return audit.untag(self, item, list(labels))
+
+    def labels(self) -> LabelsResult:
+        """Every label in the index and how many adapters carry it."""
+        from lorasearch import audit
+
+        return audit.label_counts(self)
 
     # -- watching ----------------------------------------------------------------------------
     def watch(self, root: str | os.PathLike, interval: float = 2.0, prune: bool = True,

@@ -12,6 +12,9 @@ facade method is one line (``def dedupe(self, **kw): return audit.dedupe(self, *
   of ‖ΔW‖², residual and a one-line verdict.
 - :func:`label`   similarity-weighted kNN over labelled neighbours (labels from ``indexer.tags``),
   with the neighbours as evidence and an abstention when they are far or disagree.
+- :func:`tag` / :func:`untag` / :func:`label_counts`  attach, detach and count labels.
+
+Each returns a typed result of ``lorasearch.results`` (one JSON envelope for CLI, API and HTTP).
 """
 from __future__ import annotations
 
@@ -24,15 +27,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from lorasearch import gram as G
-# one source of truth with `query`: the JSON version and the same-update rule (exact ΔW cosine and
-# norm). lorasearch.api imports its stages lazily, so a facade method importing this module is fine.
-from lorasearch.api import JSON_VERSION  # noqa: F401
 from lorasearch.errors import BadAdapterError, MissingError, UsageError
-
-try:                    # issue 8 moves the rule into lorasearch.query (the integrator can drop the fallback)
-    from lorasearch.query import SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL
-except ImportError:
-    from lorasearch.api import SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL
+# one source of truth with `query`: the same-update rule (exact ΔW cosine and norm), the loaders
+from lorasearch.query import SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL, load_indexed, load_query
+from lorasearch.results import (JSON_VERSION, DedupeResult, ExplainResult, LabelResult,  # noqa: F401
+                                LabelsResult, TagResult, UntagResult)
 
 DEDUPE_K = 10                    # neighbours searched per adapter (doubled while all are above the bound)
 DEDUPE_BOUND = 0.9               # embedding cosine above which a pair is verified exactly
@@ -50,21 +49,6 @@ _PRECISION = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}
 def _index_of(ls):
     """The ``LoraIndex`` of a facade, or the index itself."""
     return getattr(ls, "index", ls)
-
-
-def _load_indexed(rec: dict):
-    """The indexed adapter, only if the file is still the one indexed (same size and mtime)."""
-    from lorasearch.adapters import load_adapter
-    from lorasearch.api import stat_adapter
-    from lorasearch.errors import LorasearchError
-
-    p = Path(rec["path"])
-    try:
-        if stat_adapter(p) != (rec["size"], rec["mtime_ns"]):
-            return None
-        return load_adapter(p, sha256=rec["sha256"])
-    except (LorasearchError, OSError):
-        return None
 
 
 class _FactorCache:
@@ -231,7 +215,7 @@ def clusters_from_edges(edges: list[dict], records: dict[int, dict]) -> list[dic
 
 
 def dedupe(ls, threshold: float = SAME_UPDATE_COSINE, norm_tol: float = SAME_UPDATE_NORM_TOL,
-           k: int = DEDUPE_K, bound: float = DEDUPE_BOUND, family: str | None = None) -> dict:
+           k: int = DEDUPE_K, bound: float = DEDUPE_BOUND, family: str | None = None) -> DedupeResult:
     """Clusters of the same adapter across the index (``family`` limits it to one family)."""
     if not (-1.0 <= threshold <= 1.0):
         raise UsageError(f"threshold is a cosine and must be between -1 and 1, not {threshold}")
@@ -258,7 +242,7 @@ def dedupe(ls, threshold: float = SAME_UPDATE_COSINE, norm_tol: float = SAME_UPD
         for group in by_sha.values():
             pairs.update((group[0], b) for b in group[1:])
         n_pairs += len(pairs)
-        cache = _FactorCache(lambda i: _load_indexed(records[i]))
+        cache = _FactorCache(lambda i: load_indexed(records[i]))
 
         def known(i: int, cache=cache) -> bool:
             info = records[i].get("info") or {}
@@ -269,38 +253,21 @@ def dedupe(ls, threshold: float = SAME_UPDATE_COSINE, norm_tol: float = SAME_UPD
         all_edges += edges
         unreadable |= bad
     clusters = clusters_from_edges(all_edges, records)
-    return {
-        "version": JSON_VERSION,
-        "threshold": threshold, "norm_tol": norm_tol, "k": k, "bound": bound,
-        "adapters": len(records) if family is not None else index.count(),
-        "candidate_pairs": n_pairs,
-        "clusters": clusters,
-        "duplicates": sum(len(c["members"]) - 1 for c in clusters),
-        "unreadable": [{"id": i, "path": records[i]["path"]} for i in sorted(unreadable)],
-    }
+    return DedupeResult(
+        threshold=threshold, norm_tol=norm_tol, k=k, bound=bound,
+        adapters=len(records) if family is not None else index.count(),
+        candidate_pairs=n_pairs, clusters=clusters,
+        duplicates=sum(len(c["members"]) - 1 for c in clusters),
+        unreadable=[{"id": i, "path": records[i]["path"]} for i in sorted(unreadable)])
 
 
 # ------------------------------------------------------------------------------------ explain
-def _load_query(path) -> object:
-    from lorasearch.adapters import load_adapter
-    from lorasearch.api import adapter_root, is_peft_folder
-
-    path = Path(path)
-    if not path.exists():
-        raise MissingError(f"{path}: no such file or directory")
-    if path.is_dir() and not is_peft_folder(path):
-        raise BadAdapterError(path, "is a folder without adapter_config.json; give one adapter file or PEFT folder")
-    return load_adapter(adapter_root(path))
-
-
 def _embed_query(ls, adapter) -> np.ndarray:
-    from lorasearch.canonical import canonicalize_many
-
-    canon = canonicalize_many([adapter], device=getattr(ls, "device", "cpu"))
+    """The query's embedding as ``query`` makes it (the encoder's ``embed``: the sketch from the factors)."""
     enc = ls.encoder
     if ls.index.encoder_spec() is not None:
         ls.index.check_encoder(enc.spec, enc.version, enc.dim)
-    return enc.encode(canon)[0]
+    return enc.embed([adapter], device=getattr(ls, "device", "cpu"))[0][0]
 
 
 def nnls_gram(Gm: np.ndarray, b: np.ndarray, qq: float) -> tuple[np.ndarray, float]:
@@ -367,11 +334,11 @@ def verdict(sources: list[dict], explained: float) -> str:
     return f"not a merge of indexed adapters ({pct})"
 
 
-def explain(ls, path, k: int = EXPLAIN_K) -> dict:
+def explain(ls, path, k: int = EXPLAIN_K) -> ExplainResult:
     """Merge provenance of the adapter at ``path`` over its top-``k`` indexed candidates."""
     if k < 1:
         raise UsageError(f"k must be at least 1, not {k}")
-    adapter = _load_query(path)
+    adapter = load_query(path)
     index = ls.index
     hits = index.search(_embed_query(ls, adapter), adapter.family, k + 10)[0] \
         if index.encoder_spec() else []
@@ -381,7 +348,7 @@ def explain(ls, path, k: int = EXPLAIN_K) -> dict:
         rec = index.get(rid)
         if rec is None:
             continue
-        ad = _load_indexed(rec)
+        ad = load_indexed(rec)
         if ad is None:
             skipped.append(rec["path"])
             continue
@@ -411,10 +378,9 @@ def explain(ls, path, k: int = EXPLAIN_K) -> dict:
         s.update(id=rec["id"], format=rec.get("format"))
         if alternates.get(j):
             s["same_as"] = alternates[j]
-    return {"version": JSON_VERSION,
-            "query": {"path": str(path), "sha256": adapter.sha256, "format": adapter.format,
-                      "family": adapter.family, "delta_norm": round(float(np.sqrt(max(qq, 0))), 6)},
-            "k": k, "candidates": len(reps), "copies_of_query": copies, "skipped": skipped, **res}
+    return ExplainResult(query={"path": str(path), "sha256": adapter.sha256, "format": adapter.format,
+                                "family": adapter.family, "delta_norm": round(float(np.sqrt(max(qq, 0))), 6)},
+                         k=k, candidates=len(reps), copies_of_query=copies, skipped=skipped, **res)
 
 
 def _same_update(Gm: np.ndarray, i: int, j: int, norms: np.ndarray) -> bool:
@@ -461,21 +427,21 @@ def knn_vote(sims: np.ndarray, labels: Sequence[Sequence[str]], min_similarity: 
 
 
 def label(ls, path, k: int = LABEL_K, min_similarity: float = LABEL_MIN_SIMILARITY,
-          min_agreement: float = LABEL_MIN_AGREEMENT, rerank: int | None = None) -> dict:
+          min_agreement: float = LABEL_MIN_AGREEMENT, rerank: int | None = None) -> LabelResult:
     """Predict labels of the adapter at ``path`` from its ``k`` most similar labelled neighbours.
 
     Similarity: embedding cosine against every labelled adapter of the family, then the top
     ``rerank`` (default max(5k, 50); 0 = off) re-scored by the exact ΔW cosine, as ``query`` does
     (on the project's collections exact-ΔW kNN is the more accurate: eval/results/audit.md).
     The file itself (same path) is never its own evidence; a labelled copy of it is."""
-    from lorasearch.api import adapter_root
     from lorasearch.indexer import tags
+    from lorasearch.ingest import adapter_root
 
     if k < 1:
         raise UsageError(f"k must be at least 1, not {k}")
     if rerank is not None and rerank < 0:
         raise UsageError(f"rerank must be 0 or more, not {rerank}")
-    adapter = _load_query(path)
+    adapter = load_query(path)
     index = ls.index
     labelled = tags.labelled(index, family=adapter.family)
     own = os.path.realpath(adapter_root(Path(path)))
@@ -492,7 +458,7 @@ def label(ls, path, k: int = LABEL_K, min_similarity: float = LABEL_MIN_SIMILARI
         top = np.argsort(-emb, kind="stable")[:max(k, depth)]
         scored = {}                                        # position in ids -> exact ΔW cosine
         if depth:
-            loaded = [(o, _load_indexed(recs[ids[o]])) for o in top[:depth]]
+            loaded = [(o, load_indexed(recs[ids[o]])) for o in top[:depth]]
             loaded = [(o, ad) for o, ad in loaded if ad is not None]
             if loaded:
                 qf = G.module_factors(adapter)
@@ -509,8 +475,82 @@ def label(ls, path, k: int = LABEL_K, min_similarity: float = LABEL_MIN_SIMILARI
                      "exact": o in scored, "labels": labelled[ids[o]]} for o in order]
     votes, reason = knn_vote(sims, [e["labels"] for e in evidence], min_similarity, min_agreement)
     predicted = [] if reason else [v.label for v in votes if v.score >= min_agreement]
-    return {"version": JSON_VERSION,
-            "query": {"path": str(path), "sha256": adapter.sha256, "family": adapter.family},
-            "k": k, "labels": predicted, "abstained": reason is not None, "reason": reason,
-            "scores": [{"label": v.label, "score": round(v.score, 6), "votes": v.votes} for v in votes],
-            "evidence": evidence, "labelled_in_family": len(ids)}
+    return LabelResult(query={"path": str(path), "sha256": adapter.sha256, "family": adapter.family},
+                       k=k, labels=predicted, abstained=reason is not None, reason=reason,
+                       scores=[{"label": v.label, "score": round(v.score, 6), "votes": v.votes} for v in votes],
+                       evidence=evidence, labelled_in_family=len(ids))
+
+
+# ------------------------------------------------------------------------------- tag / untag
+def resolve(ls, item) -> dict | None:
+    """An indexed adapter by id or by path (as ``remove`` resolves them)."""
+    from lorasearch.ingest import adapter_root
+
+    index = _index_of(ls)
+    if str(item).isdigit():
+        rec = index.get(int(item))
+        if rec is not None:
+            return rec
+    return index.by_path(os.path.realpath(adapter_root(Path(str(item)))))
+
+
+def _read_labels(path):
+    """The project's one labels-CSV reader (header ``name,label``)."""
+    from lorasearch.data.loaders import read_labels
+
+    return read_labels(path)
+
+
+def tag(ls, item=None, labels: Sequence[str] = (), labels_file=None) -> TagResult:
+    """Attach ``labels`` to the indexed adapter ``item`` (id or path), or every row of the CSV
+    ``labels_file`` (header ``name,label``; name = file or folder name, several labels in a cell
+    separated by ``;``). Adapters not in the index are listed in ``not_found``; the others are
+    still tagged. A CSV name matching two indexed adapters is refused (tag those by id or path)."""
+    from lorasearch.indexer import tags
+
+    if bool(labels_file) == bool(item is not None and str(item) != ""):
+        raise UsageError("give either ITEM LABEL... or --labels CSV")
+    if item is not None and not labels:
+        raise UsageError(f"no label given for {item}")
+    index = _index_of(ls)
+    pairs, not_found = [], []
+    if labels_file:
+        table = _read_labels(labels_file)
+        by_name: dict[str, list[dict]] = {}
+        for rec in index.records():
+            by_name.setdefault(Path(rec["path"]).name, []).append(rec)
+        for name, cell in table.items():
+            recs = by_name.get(Path(name).name, [])
+            if len(recs) > 1:
+                raise BadAdapterError(labels_file, f"name {name!r} matches {len(recs)} indexed adapters "
+                                      f"({recs[0]['path']}, {recs[1]['path']} …); tag them by id or path")
+            if not recs:
+                not_found.append(name)
+                continue
+            pairs += [(recs[0]["id"], lab) for lab in cell.split(";") if lab.strip()]
+    else:
+        rec = resolve(index, item)
+        if rec is None:
+            not_found.append(str(item))
+        else:
+            pairs += [(rec["id"], lab) for lab in labels]
+    added = tags.add(index, pairs) if pairs else 0
+    return TagResult(tagged=len(pairs), new=added, not_found=not_found)
+
+
+def untag(ls, item, labels: Sequence[str] | None = None) -> UntagResult:
+    """Detach ``labels`` (all of them when empty or None) from the indexed adapter ``item``."""
+    from lorasearch.indexer import tags
+
+    rec = resolve(ls, item)
+    if rec is None:
+        raise MissingError(f"not in index: {item}")
+    n = tags.remove(_index_of(ls), rec["id"], list(labels) if labels else None)
+    return UntagResult(id=rec["id"], path=rec["path"], removed=n)
+
+
+def label_counts(ls) -> LabelsResult:
+    """Every label and how many adapters carry it (``tag --list``)."""
+    from lorasearch.indexer import tags
+
+    return LabelsResult(tags.counts(_index_of(ls)))

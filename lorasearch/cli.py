@@ -260,11 +260,15 @@ def watch(ctx, directory, interval, encoder, no_prune, faiss_factory):
 @click.argument("file", type=click.Path(path_type=Path))
 @global_options
 @click.option("--json", "as_json", is_flag=True)
-def info(file, as_json):
-    """Format, family, modules, ranks, alpha, metadata and trigger words of an adapter."""
+@click.pass_context
+def info(ctx, file, as_json):
+    """Format, family, modules, ranks, alpha, metadata and trigger words of an adapter.
+
+    If the adapter is in the index (--index, opened read-only when one exists there), also its
+    id and labels ("indexed" in --json)."""
     from lorasearch.api import info as describe_file
 
-    res = describe_file(file)
+    res = describe_file(file, index=ctx.find_root().obj.get("index"))
     _emit(res, as_json, _format_info(res.as_dict()))
 
 
@@ -274,11 +278,15 @@ def format_query(res) -> str:
     lines = [f"query {q.path}  family={q.family}  encoder={q.encoder}"]
     if not res.hits:
         return "\n".join(lines + ["no results"])
-    lines.append(f"{'rank':>4}  {'score':>7}  {'match':<11}  {'id':<7} path")
-    for h in res.hits:
+    tags = [",".join(h.labels) for h in res.hits]
+    width = max(map(len, tags))                  # a labels column only when some hit has labels
+    width = max(width, len("labels")) if width else 0
+    lab = (lambda t: f"{t:<{width}}  ") if width else (lambda t: "")
+    lines.append(f"{'rank':>4}  {'score':>7}  {'match':<11}  {'id':<7} {lab('labels')}path")
+    for h, t in zip(res.hits, tags):
         flag = "" if h.reranked else " (e)"
         note = "" if h.scale_known else "  [scale unknown]"
-        lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {h.match:<11}  #{h.id:<6} {h.path}{flag}{note}")
+        lines.append(f"{h.rank:>4}  {h.score:>7.4f}  {h.match:<11}  #{h.id:<6} {lab(t)}{h.path}{flag}{note}")
     lines.append(res.score_meaning)
     if any(not h.scale_known for h in res.hits):
         lines.append("[scale unknown]: alpha is unknown on one side, so same-update compares direction only")
@@ -290,6 +298,10 @@ def _format_info(d: dict) -> str:
     for key in ("ranks", "alphas", "trigger_words", "unknown_keys", "warnings"):
         if d.get(key):
             lines.append(f"{key}: {d[key]}")
+    if d.get("indexed"):
+        ix = d["indexed"]
+        lines.append(f"indexed: #{ix['id']} in {ix['index']}")
+        lines.append(f"labels: {', '.join(ix['labels']) or 'none'}")
     meta = d.get("metadata") or {}
     if meta:
         lines.append("metadata:")

@@ -1,6 +1,7 @@
 """`lorasearch dedupe | explain | label | tag | untag`: auditing a collection from its weights.
 
-Thin wrappers over ``lorasearch.audit`` and ``lorasearch.indexer.tags``; the conventions of the
+Thin wrappers over the ``Lorasearch`` facade (``dedupe``, ``explain``, ``label``, ``tag``,
+``untag``, ``labels``: typed results, one JSON envelope); the conventions of the
 main CLI: results on stdout, notes on stderr, ``--json`` one versioned object, errors one line
 with the documented exit code (raised as ``LorasearchError`` and mapped by the group).
 """
@@ -8,14 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from lorasearch import audit
-from lorasearch.errors import EXIT_MISSING, BadAdapterError, UsageError
+from lorasearch.errors import EXIT_MISSING, UsageError
+from lorasearch.results import to_json
 
 
 def _open(ctx, readonly: bool):
@@ -23,18 +24,12 @@ def _open(ctx, readonly: bool):
 
     obj = ctx.obj or {}
     return Lorasearch(obj.get("index"), device=obj.get("device", "auto"), readonly=readonly,
-                      lock_timeout=obj.get("lock_timeout", 0.0))
+                      lock_timeout=obj.get("lock_timeout", 0.0), store=obj.get("store"),
+                      milvus_uri=obj.get("milvus_uri"), milvus_index=obj.get("milvus_index"))
 
 
-def _emit(obj: dict, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, default=str) if as_json else text)
-
-
-def _read_labels(path):
-    """The project's one labels-CSV reader (header ``name,label``); one import to change."""
-    from lorasearch.data.loaders import read_labels
-
-    return read_labels(path)
+def _emit(result, as_json: bool, text: str) -> None:
+    click.echo(to_json(result) if as_json else text)
 
 
 # ------------------------------------------------------------------------------------- dedupe
@@ -62,26 +57,26 @@ def dedupe(ctx, threshold, norm_tol, k, bound, family, as_json, as_csv):
     if as_json and as_csv:
         raise UsageError("--json and --csv are exclusive")
     ls = _open(ctx, readonly=True)
-    res = audit.dedupe(ls, threshold=threshold, norm_tol=norm_tol, k=k, bound=bound, family=family)
-    for u in res["unreadable"]:
+    res = ls.dedupe(threshold=threshold, norm_tol=norm_tol, k=k, bound=bound, family=family)
+    for u in res.unreadable:
         click.echo(f"lorasearch: note: skipped #{u['id']} {u['path']} (changed or gone since it was indexed)", err=True)
     if as_csv:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(CSV_COLUMNS)
-        for c in res["clusters"]:
+        for c in res.clusters:
             for m in c["members"]:
                 w.writerow([c["cluster"], "yes" if m["keep"] else "no"] + [m[col] for col in CSV_COLUMNS[2:]])
         click.echo(buf.getvalue(), nl=False)
         return
     lines = []
-    for c in res["clusters"]:
+    for c in res.clusters:
         lines.append(f"cluster {c['cluster']}: {len(c['members'])} copies")
         for m in c["members"]:
             mark = "keep" if m["keep"] else "    "
             lines.append(f"  {mark}  #{m['id']:<6} {m['format']:<13} {m['dtype']:<5} {m['size']:>10}  {m['path']}")
-    lines.append(f"{len(res['clusters'])} clusters, {res['duplicates']} duplicates among {res['adapters']} adapters "
-                 f"({res['candidate_pairs']} candidate pairs verified)")
+    lines.append(f"{len(res.clusters)} clusters, {res.duplicates} duplicates among {res.adapters} adapters "
+                 f"({res.candidate_pairs} candidate pairs verified)")
     _emit(res, as_json, "\n".join(lines))
 
 
@@ -94,16 +89,16 @@ def dedupe(ctx, threshold, norm_tol, k, bound, family, as_json, as_csv):
 @click.pass_context
 def explain(ctx, file, k, as_json):
     """Is FILE a merge of indexed adapters? Non-negative ΔW decomposition over its top candidates."""
-    res = audit.explain(_open(ctx, readonly=True), file, k=k)
-    lines = [f"explain {res['query']['path']}  family={res['query']['family']}",
-             f"verdict: {res['verdict']}"]
-    for p in res["copies_of_query"]:
+    res = _open(ctx, readonly=True).explain(file, k=k)
+    lines = [f"explain {res.query['path']}  family={res.query['family']}",
+             f"verdict: {res.verdict}"]
+    for p in res.copies_of_query:
         lines.append(f"  (same update as indexed {p}; left out)")
-    for s in res["sources"]:
+    for s in res.sources:
         alt = f"  (same as {', '.join(s['same_as'])})" if s.get("same_as") else ""
         lines.append(f"  {s['coefficient']:8.4f} × #{s['id']:<6} {s['path']}  ({100 * s['share']:.1f} %){alt}")
-    lines.append(f"explained {100 * res['explained']:.1f} % of ‖ΔW‖², relative residual {res['residual']:.4f} "
-                 f"over {res['candidates']} candidates")
+    lines.append(f"explained {100 * res.explained:.1f} % of ‖ΔW‖², relative residual {res.residual:.4f} "
+                 f"over {res.candidates} candidates")
     _emit(res, as_json, "\n".join(lines))
 
 
@@ -121,32 +116,19 @@ def explain(ctx, file, k, as_json):
 @click.pass_context
 def label(ctx, file, k, min_similarity, min_agreement, rerank, as_json):
     """Predict FILE's labels from its labelled neighbours (similarity-weighted kNN)."""
-    res = audit.label(_open(ctx, readonly=True), file, k=k, min_similarity=min_similarity,
-                      min_agreement=min_agreement, rerank=rerank)
-    head = f"abstain: {res['reason']}" if res["abstained"] else f"labels: {', '.join(res['labels'])}"
-    lines = [f"label {res['query']['path']}  family={res['query']['family']}", head]
-    for s in res["scores"][:5]:
+    res = _open(ctx, readonly=True).label(file, k=k, min_similarity=min_similarity,
+                                          min_agreement=min_agreement, rerank=rerank)
+    head = f"abstain: {res.reason}" if res.abstained else f"labels: {', '.join(res.labels)}"
+    lines = [f"label {res.query['path']}  family={res.query['family']}", head]
+    for s in res.scores[:5]:
         lines.append(f"  {s['label']:<20} {s['score']:.3f}  ({s['votes']} neighbours)")
     lines.append("evidence:")
-    for e in res["evidence"]:
+    for e in res.evidence:
         lines.append(f"  {e['similarity']:.4f}  #{e['id']:<6} {','.join(e['labels']):<20} {e['path']}")
     _emit(res, as_json, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------- tag / untag
-def _resolve(ls, item: str) -> dict | None:
-    """An indexed adapter by id or by path (as ``remove`` resolves them)."""
-    import os
-
-    from lorasearch.api import adapter_root
-
-    if str(item).isdigit():
-        rec = ls.index.get(int(item))
-        if rec is not None:
-            return rec
-    return ls.index.by_path(os.path.realpath(adapter_root(Path(str(item)))))
-
-
 @click.command()
 @click.argument("item", required=False)
 @click.argument("labels", nargs=-1)
@@ -160,47 +142,22 @@ def tag(ctx, item, labels, labels_file, list_, as_json):
     """Attach LABELS to the indexed adapter ITEM (id or path), or every row of --labels CSV.
 
     Exit 66 if some adapter is not in the index (the others are still tagged)."""
-    from lorasearch.indexer import tags
-
     if list_:
         if item or labels or labels_file:
             raise UsageError("--list takes no other arguments")
-        counts = tags.counts(_open(ctx, readonly=True).index)
-        _emit({"version": audit.JSON_VERSION, "labels": counts}, as_json,
-              "\n".join(f"{n:>6}  {lab}" for lab, n in counts.items()) or "no labels")
+        res = _open(ctx, readonly=True).labels()
+        _emit(res, as_json, "\n".join(f"{n:>6}  {lab}" for lab, n in res.labels.items()) or "no labels")
         return
     if bool(labels_file) == bool(item):
         raise UsageError("give either ITEM LABEL... or --labels CSV")
     if item and not labels:
         raise UsageError(f"no label given for {item}")
-    ls = _open(ctx, readonly=False)
-    pairs, not_found = [], []
-    if labels_file:
-        table = _read_labels(labels_file)
-        by_name: dict[str, list[dict]] = {}
-        for rec in ls.index.records():
-            by_name.setdefault(Path(rec["path"]).name, []).append(rec)
-        for name, cell in table.items():
-            recs = by_name.get(Path(name).name, [])
-            if len(recs) > 1:
-                raise BadAdapterError(labels_file, f"name {name!r} matches {len(recs)} indexed adapters "
-                                      f"({recs[0]['path']}, {recs[1]['path']} …); tag them by id or path")
-            if not recs:
-                not_found.append(name)
-                continue
-            pairs += [(recs[0]["id"], lab) for lab in cell.split(";") if lab.strip()]
-    else:
-        rec = _resolve(ls, item)
-        if rec is None:
-            not_found.append(item)
-        else:
-            pairs += [(rec["id"], lab) for lab in labels]
-    added = tags.add(ls.index, pairs) if pairs else 0
-    for n in not_found:
+    res = _open(ctx, readonly=False).tag(item, labels, labels_file)
+    for n in res.not_found:
         click.echo(f"lorasearch: not in index: {n}", err=True)
-    _emit({"version": audit.JSON_VERSION, "tagged": len(pairs), "new": added, "not_found": not_found}, as_json,
-          f"{added} labels attached ({len(pairs) - added} already there), {len(not_found)} not found")
-    if not_found:
+    _emit(res, as_json, f"{res.new} labels attached ({res.tagged - res.new} already there), "
+                        f"{len(res.not_found)} not found")
+    if res.not_found:
         sys.exit(EXIT_MISSING)
 
 
@@ -211,16 +168,8 @@ def tag(ctx, item, labels, labels_file, list_, as_json):
 @click.pass_context
 def untag(ctx, item, labels, as_json):
     """Detach LABELS (all labels when none are given) from the indexed adapter ITEM (id or path)."""
-    from lorasearch.errors import MissingError
-    from lorasearch.indexer import tags
-
-    ls = _open(ctx, readonly=False)
-    rec = _resolve(ls, item)
-    if rec is None:
-        raise MissingError(f"not in index: {item}")
-    n = tags.remove(ls.index, rec["id"], list(labels) or None)
-    _emit({"version": audit.JSON_VERSION, "id": rec["id"], "path": rec["path"], "removed": n}, as_json,
-          f"{n} labels removed from #{rec['id']} {rec['path']}")
+    res = _open(ctx, readonly=False).untag(item, labels)
+    _emit(res, as_json, f"{res.removed} labels removed from #{res.id} {res.path}")
 
 
 COMMANDS = (dedupe, explain, label, tag, untag)

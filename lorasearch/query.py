@@ -129,7 +129,8 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
         hit = Hit(rank=0, id=rid, path=rec["path"], score=float(emb_score), match="similar",
                   embedding_score=round(float(emb_score), 6), reranked=False, family=rec["family"],
                   format=rec["format"], sha256=rec["sha256"],
-                  scale_known=q_scale_known and bool((rec.get("info") or {}).get("scale_known", True)))
+                  scale_known=q_scale_known and bool((rec.get("info") or {}).get("scale_known", True)),
+                  ranks=[int(r) for r in rec.get("ranks") or []])
         if rec["sha256"] == adapter.sha256:
             hit.score, hit.match, hit.reranked = 1.0, "exact", True
         elif rank_pos < n_rerank and (budget is None or budget >= rec["size"]):
@@ -154,6 +155,12 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
     hits = hits[:k]
     for i, h in enumerate(hits, 1):
         h.rank, h.score = i, round(h.score, 6)
+    if hits:                                               # the hits' labels: one batched lookup
+        from lorasearch.indexer import tags
+
+        labels = tags.labels_of(index, [h.id for h in hits])
+        for h in hits:
+            h.labels = labels.get(h.id, [])
     info = QueryInfo(path=str(path), sha256=adapter.sha256, format=adapter.format, family=adapter.family,
                      n_modules=len(adapter.modules), encoder=encoder.spec, k=k, threshold=threshold,
                      indexed_in_family=index.count(adapter.family), scale_known=q_scale_known)

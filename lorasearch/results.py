@@ -57,6 +57,8 @@ class Hit:
     format: str
     sha256: str
     scale_known: bool = True      # False: one side's alpha is unknown, so the norm was not compared
+    ranks: list[int] = field(default_factory=list)    # the indexed adapter's ranks (catalog record)
+    labels: list[str] = field(default_factory=list)   # its labels (``lorasearch tag``), sorted
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +141,75 @@ class StatsResult(_Result):
 @dataclass
 class InfoResult(_Result):
     description: dict = field(default_factory=dict)   # adapters.describe(...)
+    indexed: dict | None = None   # {"index", "id", "labels"} when the file is in the --index
 
     def payload(self) -> dict:
-        return dict(self.description)
+        out = dict(self.description)
+        if self.indexed is not None:
+            out["indexed"] = dict(self.indexed)
+        return out
+
+
+# -- audit (issue 12): the objects `dedupe`, `explain`, `label`, `tag`, `untag`, `tag --list` print
+class _Fields(_Result):
+    """A result whose JSON object is its fields, in order."""
+
+    def payload(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DedupeResult(_Fields):
+    threshold: float
+    norm_tol: float
+    k: int
+    bound: float
+    adapters: int
+    candidate_pairs: int
+    clusters: list[dict] = field(default_factory=list)      # {cluster, keep, members, pairs}
+    duplicates: int = 0
+    unreadable: list[dict] = field(default_factory=list)    # {id, path}: changed or gone since indexing
+
+
+@dataclass
+class ExplainResult(_Fields):
+    query: dict
+    k: int
+    candidates: int
+    copies_of_query: list[str]
+    skipped: list[str]
+    explained: float          # share of ‖ΔW‖² explained by the non-negative combination
+    residual: float           # ‖ΔW − Σ cᵢ ΔWᵢ‖ / ‖ΔW‖
+    sources: list[dict]       # {path, id, format, coefficient, share[, same_as]}
+    verdict: str
+
+
+@dataclass
+class LabelResult(_Fields):
+    query: dict
+    k: int
+    labels: list[str]
+    abstained: bool
+    reason: str | None
+    scores: list[dict]        # {label, score, votes}
+    evidence: list[dict]      # {id, path, similarity, exact, labels}
+    labelled_in_family: int
+
+
+@dataclass
+class TagResult(_Fields):
+    tagged: int               # (adapter, label) pairs asked for
+    new: int                  # of those, not attached before
+    not_found: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UntagResult(_Fields):
+    id: int
+    path: str
+    removed: int
+
+
+@dataclass
+class LabelsResult(_Fields):
+    labels: dict[str, int] = field(default_factory=dict)    # label -> number of adapters

@@ -5,6 +5,7 @@ demo PEFT adapter, checks the result table's top hits and match kinds, opens a r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -49,6 +50,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "LORASEARCH_TOKEN": "browser-test-token-0123"}
     subprocess.run([sys.executable, "-m", "lorasearch.cli", "--index", str(index), "index", str(DEMO)],
                    check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "lorasearch.cli", "--index", str(index), "tag",
+                    str(DEMO / "sentiment-01-copy"), "nsfw", "style:plain"], check=True, env=env, capture_output=True)
     port = _free_port()
     log = open(index.parent / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "lorasearch.cli", "--index", str(index), "serve",
@@ -114,9 +117,12 @@ def test_upload_shows_the_expected_hits_then_similar_and_browse(server, browser)
     folder = DEMO / "sentiment-01"
     files = [str(folder / "adapter_config.json"), str(folder / "adapter_model.safetensors")]
     browser.find_element(By.ID, "file").send_keys("\n".join(files))
-    wait.until(lambda d: len(_table(d)) >= 10 and all(r[6] != "…" for r in _table(d)))   # ranks filled in
+    wait.until(lambda d: len(_table(d)) >= 10)
     rows = _table(browser)
     names = [c[1].splitlines()[0] for c in rows]
+    # ranks and labels come with the hits (no request per row); only the tagged copy has labels
+    assert all(re.fullmatch(r"\d+(, \d+)*", c[6]) for c in rows), [c[6] for c in rows]
+    assert [(n, c[7].split()) for n, c in zip(names, rows) if c[7]] == [("sentiment-01-copy", ["nsfw", "style:plain"])]
     assert set(names[:2]) == {"sentiment-01", "sentiment-01-copy"}
     assert [c[3] for c in rows[:3]] == ["exact", "exact", "same-update"] and names[2] == "sentiment-01-bf16"
     assert all(c[3] == "similar" for c in rows[3:])
@@ -127,13 +133,13 @@ def test_upload_shows_the_expected_hits_then_similar_and_browse(server, browser)
                for b in browser.find_elements(By.CSS_SELECTOR, "#results-table .match")}
     assert len({colours["exact"], colours["same-update"], colours["similar"]}) == 3
 
-    # details expand with the keyboard
-    toggle = _rows(browser)[0].find_element(By.CSS_SELECTOR, "button[aria-expanded]")
+    # details expand with the keyboard (the tagged copy's row: its labels are listed)
+    toggle = _rows(browser)[names.index("sentiment-01-copy")].find_element(By.CSS_SELECTOR, "button[aria-expanded]")
     toggle.send_keys("\n")
     wait.until(lambda d: toggle.get_attribute("aria-expanded") == "true")
     details = browser.find_element(By.ID, toggle.get_attribute("aria-controls"))
     wait.until(lambda d: "sha256" in details.text)
-    assert "trigger words" in details.text
+    assert "trigger words" in details.text and "nsfw" in details.text and "style:plain" in details.text
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000

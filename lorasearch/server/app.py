@@ -3,7 +3,9 @@
 Bodies are the CLI's ``--json`` objects (same ``version``), all passed through ``envelope()``.
 Errors are ``{"version", "error": {"code", "message"}}`` with the status mapped from the CLI's
 exit codes; never a traceback. Reads are open (or need the token with ``protect_reads``);
-``POST /adapters`` and ``DELETE /adapters/{id}`` always need ``Authorization: Bearer <token>``.
+writes (``POST /adapters``, ``DELETE /adapters/{id}``, ``PUT /adapters/{id}/labels``,
+``DELETE /adapters/{id}/labels/{label}``) always need ``Authorization: Bearer <token>``.
+Audit: ``GET /dedupe``, ``POST /explain`` and ``POST /label`` (an upload) answer the CLI's objects.
 """
 from __future__ import annotations
 
@@ -19,11 +21,14 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorasearch import __version__
 from lorasearch.api import JSON_VERSION
+from lorasearch.audit import (DEDUPE_BOUND, DEDUPE_K, EXPLAIN_K, LABEL_K, LABEL_MIN_AGREEMENT,
+                              LABEL_MIN_SIMILARITY, SAME_UPDATE_COSINE, SAME_UPDATE_NORM_TOL)
 from lorasearch.errors import (BadAdapterError, IncompatibleError, IndexLockedError, LorasearchError,
                                MissingError, UnavailableError, UsageError)
 from lorasearch.server import uploads
@@ -119,8 +124,11 @@ def adapter_info(ls, adapter_id: int, modules: bool = False) -> dict:
         from lorasearch.adapters import describe, load_adapter
 
         info = describe(load_adapter(rec["path"]))
+    from lorasearch.indexer import tags
+
     fields = {k: rec.get(k) for k in ("id", "path", "family", "format", "sha256", "size", "mtime_ns",
                                       "ranks", "n_modules", "delta_norm", "added_at", "updated_at")}
+    fields["labels"] = tags.labels_of(ls.index, [adapter_id]).get(adapter_id, [])
     return {"version": JSON_VERSION, **info, "index": fields}
 
 
@@ -131,10 +139,14 @@ def list_adapters(ls, family: str | None, sort: str, limit: int, offset: int) ->
     else:
         recs.sort(key=lambda r: (r.get("added_at") or "", r["id"]), reverse=sort.startswith("-"))
     page = recs[offset:offset + limit]
+    from lorasearch.indexer import tags
+
+    labels = tags.labels_of(ls.index, [r["id"] for r in page])        # one batched lookup
     items = [{"id": r["id"], "name": Path(r["path"]).name, "path": r["path"], "family": r["family"],
               "format": r["format"], "ranks": r.get("ranks"), "n_modules": r.get("n_modules"),
               "size": r.get("size"), "added_at": r.get("added_at"),
-              "trigger_words": (r.get("info") or {}).get("trigger_words") or []} for r in page]
+              "trigger_words": (r.get("info") or {}).get("trigger_words") or [],
+              "labels": labels.get(r["id"], [])} for r in page]
     return {"version": JSON_VERSION, "total": len(recs), "offset": offset, "limit": limit,
             "family": family or None, "sort": sort, "families": ls.index.families(), "adapters": items}
 
@@ -257,22 +269,48 @@ def create_app(index_path: str | os.PathLike, token: str | None = None, max_uplo
                 rerank: int | None = Query(None, ge=0, le=10000)):
         return envelope(similar_to_indexed(facades.reader(), adapter_id, k, threshold, rerank))
 
-    @app.post("/query", dependencies=[Depends(read_access)])
-    async def query(request: Request, k: int = Query(10, ge=1, le=10000),
-                    threshold: float | None = Query(None, ge=-1, le=1),
-                    rerank: int | None = Query(None, ge=0, le=10000)):
-        with tempfile.TemporaryDirectory(prefix="lorasearch-query-") as tmp:   # never inside the index
+    async def on_upload(request: Request, run) -> dict:
+        """``run(path)`` on the uploaded adapter in a temporary folder (never inside the index); the
+        body names the client's file, not the server's temporary path."""
+        with tempfile.TemporaryDirectory(prefix="lorasearch-query-") as tmp:
             tmp = Path(tmp)
             parts = await uploads.receive(request, tmp, limit)
             path, name = await run_in_threadpool(uploads.assemble, parts, tmp, limit)
             try:
-                res = await run_in_threadpool(lambda: facades.reader().query(path, k=k, threshold=threshold,
-                                                                             rerank=rerank))
+                res = await run_in_threadpool(run, path)
             except LorasearchError as e:
                 raise _renamed(e, path, name) from None
         res = envelope(res)
         res["query"]["path"] = name
         return res
+
+    @app.post("/query", dependencies=[Depends(read_access)])
+    async def query(request: Request, k: int = Query(10, ge=1, le=10000),
+                    threshold: float | None = Query(None, ge=-1, le=1),
+                    rerank: int | None = Query(None, ge=0, le=10000)):
+        return await on_upload(request, lambda path: facades.reader().query(path, k=k, threshold=threshold,
+                                                                            rerank=rerank))
+
+    # -- audit (issue 12): the CLI's dedupe / explain / label objects --------------------------
+    @app.get("/dedupe", dependencies=[Depends(read_access)])
+    def dedupe(threshold: float = Query(SAME_UPDATE_COSINE, ge=-1, le=1),
+               norm_tol: float = Query(SAME_UPDATE_NORM_TOL, ge=0),
+               k: int = Query(DEDUPE_K, ge=1, le=10000), bound: float = Query(DEDUPE_BOUND, ge=-1, le=1),
+               family: str | None = Query(None, max_length=200)):
+        return envelope(facades.reader().dedupe(threshold=threshold, norm_tol=norm_tol, k=k, bound=bound,
+                                                family=family or None))
+
+    @app.post("/explain", dependencies=[Depends(read_access)])
+    async def explain(request: Request, k: int = Query(EXPLAIN_K, ge=1, le=1000)):
+        return await on_upload(request, lambda path: facades.reader().explain(path, k=k))
+
+    @app.post("/label", dependencies=[Depends(read_access)])
+    async def label(request: Request, k: int = Query(LABEL_K, ge=1, le=1000),
+                    min_similarity: float = Query(LABEL_MIN_SIMILARITY, ge=-1, le=1),
+                    min_agreement: float = Query(LABEL_MIN_AGREEMENT, ge=0, le=1),
+                    rerank: int | None = Query(None, ge=0, le=10000)):
+        return await on_upload(request, lambda path: facades.reader().label(
+            path, k=k, min_similarity=min_similarity, min_agreement=min_agreement, rerank=rerank))
 
     # -- writes ------------------------------------------------------------------------------
     @app.post("/adapters", dependencies=[Depends(need_token)])
@@ -327,4 +365,27 @@ def create_app(index_path: str | os.PathLike, token: str | None = None, max_uplo
 
         return envelope(facades.run_write(remove))
 
+    @app.put("/adapters/{adapter_id}/labels", dependencies=[Depends(need_token)])
+    def put_labels(adapter_id: int, body: LabelsBody):
+        """Attach ``{"labels": [...]}`` to one adapter (those already attached are kept once)."""
+        def tag(ls):
+            if ls.index.get(adapter_id) is None:
+                raise MissingError(f"no adapter with id {adapter_id} in the index")
+            return ls.tag(adapter_id, body.labels)
+
+        return envelope(facades.run_write(tag))
+
+    @app.delete("/adapters/{adapter_id}/labels/{label:path}", dependencies=[Depends(need_token)])
+    def delete_label(adapter_id: int, label: str):
+        def untag(ls):
+            if ls.index.get(adapter_id) is None:
+                raise MissingError(f"no adapter with id {adapter_id} in the index")
+            return ls.untag(adapter_id, [label])
+
+        return envelope(facades.run_write(untag))
+
     return app
+
+
+class LabelsBody(BaseModel):
+    labels: list[str] = Field(..., max_length=1000)

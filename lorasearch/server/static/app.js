@@ -1,4 +1,4 @@
-// lorasearch web page: search by upload, browse, "similar to" by id. Plain DOM, no dependencies.
+// lorasearch web page: search by upload, browse, "similar to" by id; labels shown. Plain DOM, no dependencies.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -93,6 +93,8 @@ async function fillDetails(row, id) {
     const add = (k, v) => { dl.append(el("dt", { text: k }), el("dd", {}, v)); };
     const words = info.trigger_words || [];
     add("trigger words", words.length ? el("span", {}, ...words.map((w) => el("span", { class: "tag", text: w }))) : "none");
+    const labels = info.index.labels || [];
+    add("labels", labels.length ? labelTags(labels) : "none");
     add("path", el("code", { text: info.index.path }));
     add("sha256", el("code", { text: info.index.sha256 }));
     add("modules", `${info.index.n_modules} · ranks ${(info.index.ranks || []).join(", ")}`);
@@ -128,20 +130,17 @@ function showTable(title, note, columns, rows) {
   $("results").hidden = false;
 }
 
-async function fillRanks(items) {
-  // the query object carries no ranks: fetch each hit's record (a handful of small GETs)
-  await Promise.all(items.map(async ({ id, cell }) => {
-    try { cell.textContent = ((await api(`/adapters/${id}`)).index.ranks || []).join(", "); }
-    catch (e) { cell.textContent = "?"; }
-  }));
+function labelTags(labels) {
+  // a space between the chips: copied text and screen readers keep the labels apart
+  return el("span", { class: "labels" },
+    ...(labels || []).flatMap((l, i) => [...(i ? [" "] : []), el("span", { class: "tag", text: l })]));
 }
 
 function renderQuery(res, title) {
-  const cols = ["Rank", "Adapter", "Score", "Match", "Family", "Format", "Ranks", ""];
+  // each hit carries its ranks and labels: no request per row
+  const cols = ["Rank", "Adapter", "Score", "Match", "Family", "Format", "Ranks", "Labels", ""];
   const rows = [];
-  const pending = [];
   for (const r of res.results) {
-    const ranks = el("td", { text: "…" });
     const details = detailsRow(cols.length, r.id);
     rows.push(el("tr", { "data-id": String(r.id) },
       el("td", { class: "num", text: String(r.rank) }),
@@ -151,15 +150,14 @@ function renderQuery(res, title) {
       el("td", {}, el("span", { class: `match ${r.match}`, text: r.match })),
       el("td", { text: r.family }),
       el("td", { text: r.format }),
-      ranks,
+      el("td", { text: (r.ranks || []).join(", ") }),
+      el("td", {}, labelTags(r.labels)),
       el("td", {}, toggleButton(details, r.id))), details);
-    pending.push({ id: r.id, cell: ranks });
   }
   const q = res.query;
   const note = `${q.path} · family ${q.family} · format ${q.format} · ${q.indexed_in_family} indexed in this family`
     + (res.results.length ? "" : " · no results");
   showTable(title, note, cols, rows);
-  fillRanks(pending);
 }
 
 // ---- search ------------------------------------------------------------------------------------
