@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasearch.errors import BadAdapterError, MissingError, UnavailableError, UsageError
+from lorasearch.errors import BadAdapterError, MissingError, UsageError
 
 FORMAT = 1
 SHIPPED = Path(__file__).resolve().parent / "checkpoints"

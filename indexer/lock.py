@@ -10,9 +10,11 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from lorasearch.errors import IndexLockedError
+from lorasearch.errors import IndexLockedError, UsageError
 
 
 def holder_pid(path: str | os.PathLike) -> int | None:
@@ -76,3 +78,30 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class LockedWriterMixin:
+    """Re-entrant use of a store's ``WriterLock``: the first ``_acquire`` takes the flock (waiting up
+    to ``lock_timeout`` unless told otherwise), nested ones only count. Needs ``readonly``, ``root``,
+    ``lock_timeout``, ``_lock`` (a WriterLock) and ``_lock_depth`` on the store."""
+
+    def _acquire(self, timeout: float | None = None) -> None:
+        if self.readonly:
+            raise UsageError(f"{self.root}: index is open read-only")
+        if self._lock_depth == 0:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(self.lock_timeout if timeout is None else timeout)
+        self._lock_depth += 1
+
+    def _release(self) -> None:
+        self._lock_depth -= 1
+        if self._lock_depth == 0:
+            self._lock.release()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        self._acquire()
+        try:
+            yield
+        finally:
+            self._release()

@@ -50,7 +50,7 @@ from lorasearch.errors import (BadAdapterError, IncompatibleError, IndexLockedEr
                                UnavailableError, UsageError)
 
 from .catalog import RECORD_COLUMNS, _dumps, _now
-from .lock import WriterLock
+from .lock import LockedWriterMixin, WriterLock
 
 LOCK_FILE = "writer.lock"
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT")
@@ -124,7 +124,7 @@ def _lite_busy(uri: str, timeout: float) -> bool:
         os.close(fd)
 
 
-class MilvusStore:
+class MilvusStore(LockedWriterMixin):
     """Open with ``MilvusStore.open(root, uri=..., collection=..., create=..., readonly=...)``."""
 
     def __init__(self, root: Path, client, uri: str, name: str, readonly: bool, lock_timeout: float,
@@ -322,26 +322,6 @@ class MilvusStore:
                                    f"{' '.join(str(getattr(e, 'message', None) or e).split())}") from None
 
     # -- locking ------------------------------------------------------------------------
-    def _acquire(self, timeout: float | None = None) -> None:
-        if self.readonly:
-            raise UsageError(f"{self.root}: index is open read-only")
-        if self._lock_depth == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire(self.lock_timeout if timeout is None else timeout)
-        self._lock_depth += 1
-
-    def _release(self) -> None:
-        self._lock_depth -= 1
-        if self._lock_depth == 0:
-            self._lock.release()
-
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        self._acquire()
-        try:
-            yield
-        finally:
-            self._release()
 
     @contextmanager
     def writer(self, timeout: float | None = None) -> Iterator["MilvusStore"]:

@@ -52,7 +52,7 @@ from . import catalog as catalog_mod
 from . import segments
 from .catalog import Catalog
 from .gpu import GPU_MAX_K, GpuMirror, resolve_device
-from .lock import WriterLock
+from .lock import LockedWriterMixin, WriterLock
 
 CATALOG_FILE = "catalog.sqlite"
 SNAPSHOT_DIR = "faiss"
@@ -65,7 +65,7 @@ def _resolve(path) -> str:
     return os.path.realpath(os.path.expanduser(os.fspath(path)))
 
 
-class LoraIndex:
+class LoraIndex(LockedWriterMixin):
     """Open with ``LoraIndex.open(path, create=..., readonly=..., device=...)``."""
 
     def __init__(self, root: Path, catalog: Catalog, readonly: bool, gpu_ordinal: int | None, lock_timeout: float,
@@ -254,25 +254,6 @@ class LoraIndex:
                 "use the same --encoder or a separate --index")
 
     # -- locking ------------------------------------------------------------------------
-    def _acquire(self, timeout: float | None = None) -> None:
-        if self.readonly:
-            raise UsageError(f"{self.root}: index is open read-only")
-        if self._lock_depth == 0:
-            self._lock.acquire(self.lock_timeout if timeout is None else timeout)
-        self._lock_depth += 1
-
-    def _release(self) -> None:
-        self._lock_depth -= 1
-        if self._lock_depth == 0:
-            self._lock.release()
-
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        self._acquire()
-        try:
-            yield
-        finally:
-            self._release()
 
     @contextmanager
     def writer(self, timeout: float | None = None) -> Iterator["LoraIndex"]:

@@ -17,25 +17,13 @@ from typing import Sequence
 
 import numpy as np
 
-from lorasearch.types import CanonicalModule
+from lorasearch.similarity import factors
 
 
 def module_factors(adapter) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
-    """(name, out, in) -> (L ``[out, k]``, R ``[in, k]``) float64 with ΔW = L·Rᵀ.
-
-    Written here (not ``similarity.factors``) so this module stays numpy-only: similarity imports
-    torch today."""
-    out = {}
-    for m in adapter.modules:
-        if isinstance(m, CanonicalModule):
-            L = np.asarray(m.U, np.float64) * np.asarray(m.sigma, np.float64)
-            R = np.asarray(m.V, np.float64)
-        else:
-            L = float(m.scale) * np.asarray(m.B, np.float64)
-            R = np.asarray(m.A, np.float64).T
-        if L.shape[1]:
-            out[(m.name, L.shape[0], R.shape[0])] = (L, R)
-    return out
+    """(name, out, in) -> (L ``[out, k]``, R ``[in, k]``) float64 with ΔW = L·Rᵀ (``similarity.factors``),
+    rank-0 modules left out."""
+    return {key: (L, R) for key, (L, R) in factors(adapter).items() if L.shape[1]}
 
 
 def gram(adapters: Sequence, factors: Sequence[dict] | None = None) -> np.ndarray:

@@ -61,7 +61,6 @@ per_shots = {m.split(":")[0]: res["methods"][m].get("per_shots", {}) for m in re
 json.dump({"seen_tasks": seen, "per_shots": per_shots}, open(f"/tmp/w2tship/{TAG}seen.json", "w"), indent=1)
 print(json.dumps({k: round(v["ndcg@10"], 4) for k, v in seen.items()}), flush=True)
 import lorasearch.encoders as E
-from lorasearch.canonical import canonicalize_many
 enc = E.get_encoder(f"w2t:{out}")
 enc.batch_size = 64
 canon = [it.canonical for it in es_all.items]
