@@ -128,6 +128,17 @@ def embed(encoder, adapters: list, device: str = "auto") -> tuple[np.ndarray, li
     return encoder.encode(canon), norms
 
 
+def rerank_blob(adapter) -> bytes | None:
+    """The adapter's compact re-rank record (``lorasearch.rerank``), serialized; None when it cannot
+    be built (the query then re-reads that candidate's file, as for an index without records)."""
+    from lorasearch.rerank import build_record
+
+    try:
+        return build_record(adapter).to_bytes()
+    except Exception:  # noqa: BLE001 -- a record is an optimization; its absence is handled at query time
+        return None
+
+
 # ---- sync -------------------------------------------------------------------------------------
 def internal_error(path, e: BaseException) -> str:
     """One line for an exception no reader rule anticipated; the traceback with LORASEARCH_DEBUG=1."""
@@ -254,6 +265,11 @@ class Sync:
         self.index.check_encoder(enc.spec, enc.version, enc.dim)
         for (rec, _a, _o), v, n in zip(pending, vecs, norms):
             rec["embedding"], rec["delta_norm"] = v, n
+        if callable(getattr(self.index, "rerank_blobs", None)):   # a store that keeps re-rank records
+            for rec, adapter, _o in pending:
+                blob = rerank_blob(adapter)
+                if blob is not None:
+                    rec["rerank"] = blob
         try:
             self.index.upsert([rec for rec, _a, _o in pending])
         except BadAdapterError as e:     # a store refused a record (e.g. a path over Milvus's limit)

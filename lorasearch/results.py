@@ -59,6 +59,10 @@ class Hit:
     scale_known: bool = True      # False: one side's alpha is unknown, so the norm was not compared
     ranks: list[int] = field(default_factory=list)    # the indexed adapter's ranks (catalog record)
     labels: list[str] = field(default_factory=list)   # its labels (``lorasearch tag``), sorted
+    # re-scored from the stored re-rank "record" (no file opened) or by re-reading the "file";
+    # None when not re-scored. ``score_bound``: |true ΔW cosine − score| ≤ score_bound (0 = exact)
+    rescored_from: str | None = None
+    score_bound: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +80,7 @@ class QueryInfo:
     threshold: float | None
     indexed_in_family: int
     scale_known: bool = True
+    reread: int = 0               # candidate files opened to re-score (0 when records decided all)
 
 
 @dataclass
