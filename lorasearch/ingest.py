@@ -24,6 +24,7 @@ from lorasearch.errors import BadAdapterError, LorasearchError, MissingError
 from lorasearch.results import SyncReport
 
 EMBED_BATCH = 16
+RERANK_BUDGET = None   # bytes of factor payload per re-rank record; None: rerank.DEFAULT_BUDGET (2 MiB)
 
 _KINDS = ((stat_mod.S_ISFIFO, "a FIFO (named pipe)"), (stat_mod.S_ISCHR, "a character device"),
           (stat_mod.S_ISBLK, "a block device"), (stat_mod.S_ISSOCK, "a socket"))
@@ -131,10 +132,10 @@ def embed(encoder, adapters: list, device: str = "auto") -> tuple[np.ndarray, li
 def rerank_blob(adapter) -> bytes | None:
     """The adapter's compact re-rank record (``lorasearch.rerank``), serialized; None when it cannot
     be built (the query then re-reads that candidate's file, as for an index without records)."""
-    from lorasearch.rerank import build_record
+    from lorasearch.rerank import DEFAULT_BUDGET, build_record
 
     try:
-        return build_record(adapter).to_bytes()
+        return build_record(adapter, RERANK_BUDGET or DEFAULT_BUDGET).to_bytes()
     except Exception:  # noqa: BLE001 -- a record is an optimization; its absence is handled at query time
         return None
 
