@@ -175,3 +175,25 @@ def test_corrupt_stored_record_falls_back_to_the_file(sd15, tmp_path, monkeypatc
     res = _query(idx, q)
     assert _kinds(res) == EXPECT and res.query.reread == 1
     assert {Path(h.path).name for h in res.hits if h.rescored_from == "file"} == {"copy.safetensors"}
+
+
+def test_milvus_store_keeps_records_and_query_reads_no_file(sd15, tmp_path, monkeypatch):
+    """The Milvus store keeps the MiB-sized records beside the collection (rerank.sqlite by sha256)."""
+    pytest.importorskip("pymilvus")
+    import json
+
+    from lorasearch.indexer.base import CONFIG_FILE
+
+    q, gal = sd15
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (idx / CONFIG_FILE).write_text(json.dumps({"version": 1, "store": "milvus", "uri": str(tmp_path / "m.db"),
+                                               "collection": "wired"}))
+    monkeypatch.setattr(ingest, "RERANK_BUDGET", 32 << 20)
+    with Lorasearch(idx, create=True) as ls:
+        assert len(ls.index_dir(gal).added) == len(EXPECT)
+    assert (idx / "rerank.sqlite").is_file()
+    _no_file_reads(monkeypatch)
+    res = _query(idx, q)
+    assert _kinds(res) == EXPECT and res.query.reread == 0
+    assert all(h.rescored_from == "record" and h.score_bound == 0 for h in res.hits)
