@@ -95,10 +95,12 @@ class QueryResult(_Result):
     def score_meaning(self) -> str:
         """One line saying what the scores are (the CLI table's last line)."""
         reranked = {h.reranked for h in self.hits}
+        bounded = any(h.score_bound > 0 for h in self.hits)
+        tail = "; some within ± score_bound (from a compact record: --json)" if bounded else ""
         if reranked == {True}:
-            return "score: exact cosine of the weight updates ΔW (1 = same direction)"
+            return f"score: exact cosine of the weight updates ΔW (1 = same direction){tail}"
         if True in reranked:
-            return "score: exact ΔW cosine; (e) = embedding cosine, not re-ranked"
+            return f"score: exact ΔW cosine{tail}; (e) = embedding cosine, not re-ranked"
         return "score: embedding cosine (not re-ranked; --rerank N re-scores by exact ΔW cosine)"
 
 

@@ -28,13 +28,37 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-def _bytes_read(index, res) -> tuple[int, int, int]:
-    """(bytes re-scoring read, candidates re-scored, files opened) for one query result."""
-    by_id = index.get_many([h.id for h in res.hits])
-    blobs = index.rerank_blobs([h.id for h in res.hits if h.rescored_from == "record"])
-    files = sum(int(by_id[h.id]["size"]) for h in res.hits if h.rescored_from == "file")
-    return files + sum(len(b) for b in blobs.values()), sum(h.rescored_from is not None for h in res.hits), \
-        res.query.reread
+class _Counting:
+    """Counts what a query's re-scoring reads: candidate files opened (at their size) and stored
+    records fetched (at their blob size), by wrapping the two functions it reads them through."""
+
+    def __init__(self, index):
+        import lorasearch.query as query_mod
+
+        self.files = self.file_bytes = self.records = self.record_bytes = 0
+        self._mod, self._load, self._index = query_mod, query_mod.load_indexed, index
+        self._blobs = getattr(index, "rerank_blobs", None)
+
+        def load(rec):
+            out = self._load(rec)
+            if out is not None:
+                self.files += 1
+                self.file_bytes += int(rec["size"])
+            return out
+
+        def blobs(ids):
+            got = self._blobs(ids)
+            self.records += len(got)
+            self.record_bytes += sum(len(b) for b in got.values())
+            return got
+        query_mod.load_indexed = load
+        if self._blobs is not None:
+            index.rerank_blobs = blobs
+
+    def restore(self):
+        self._mod.load_indexed = self._load
+        if self._blobs is not None:
+            del self._index.rerank_blobs
 
 
 def main() -> None:
@@ -43,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--workdir", default="/tmp/lorasearch-rerank-query")
+    ap.add_argument("--query-only", action="store_true", help="reuse the two indexes of an earlier run")
     a = ap.parse_args()
 
     import lorasearch.ingest as ingest
@@ -54,11 +79,12 @@ def main() -> None:
     idx = {"old": work / f"idx_old_r{a.rank}_{a.n}", "new": work / f"idx_new_r{a.rank}_{a.n}"}
     real_blob = ingest.rerank_blob
     t_index: dict[str, list[float]] = {"old": [], "new": []}
-    for p in idx.values():
-        shutil.rmtree(p, ignore_errors=True)
+    if not a.query_only:
+        for p in idx.values():
+            shutil.rmtree(p, ignore_errors=True)
     handles = {k: Lorasearch(v, create=True) for k, v in idx.items()}
     try:
-        for i, p in enumerate(paths):
+        for i, p in enumerate([] if a.query_only else paths):
             for kind in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 ingest.rerank_blob = real_blob if kind == "new" else (lambda adapter: None)
                 t = time.perf_counter()
@@ -76,10 +102,14 @@ def main() -> None:
         for kind in ("old", "new"):
             with Lorasearch(idx[kind]) as ls:
                 ls.query(q, k=10)              # warm the encoder and the store once per open
-                t = time.perf_counter()
-                res = ls.query(q, k=10)
-                t_query[kind].append(time.perf_counter() - t)
-                read[kind] = _bytes_read(ls.index, res)
+                count = _Counting(ls.index)
+                try:
+                    t = time.perf_counter()
+                    res = ls.query(q, k=10)
+                    t_query[kind].append(time.perf_counter() - t)
+                finally:
+                    count.restore()
+                read[kind] = (count.file_bytes + count.record_bytes, count.files + count.records, count.files)
                 kinds = [h.match for h in res.hits]
     med = {k: statistics.median(v) for k, v in t_query.items()}
     print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
@@ -87,8 +117,8 @@ def main() -> None:
     if t_index["old"]:
         io, inew = statistics.median(t_index["old"]), statistics.median(t_index["new"])
         ratios = [n / o for o, n in zip(t_index["old"], t_index["new"])]
-        print(f"index s/adapter: old {io:.3f}  new {inew:.3f}  new/old {statistics.median(ratios):.2f}x "
-              f"(paired per file, median)")
+        print(f"index s/adapter: old {io:.3f}  new {inew:.3f}  (ratio of medians {inew / io:.2f}x; "
+              f"median of per-file paired ratios {statistics.median(ratios):.2f}x)")
     for kind in ("old", "new"):
         b, n, f = read[kind]
         print(f"query {kind}: {med[kind]:.3f} s (median of {a.reps}), re-scoring read {b / 1e6:.1f} MB "
