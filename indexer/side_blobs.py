@@ -3,12 +3,17 @@
 One SQLite file in the index folder, keyed by the adapter's sha256: a record is a function of
 the file's bytes only, so a blob can never describe another version of a row — a crash between
 writing blobs and the store's upsert leaves at worst an unused blob, never a wrong one (blobs are
-written first). Removing the last row of a sha256 drops its blob.
+written first). Removing the last row of a sha256 drops its blob. A record is an optimization:
+if this file cannot be read or written (corrupt, full disk) the store works on without it and a
+query re-reads those candidates' files, as for an index built before records.
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
+
+log = logging.getLogger("lorasearch.indexer")
 
 FILE = "rerank.sqlite"
 _CHUNK = 500
@@ -33,28 +38,38 @@ class SideBlobs:
         return self._conn
 
     def put(self, blobs: dict[str, bytes]) -> None:
-        if blobs:
+        if not blobs:
+            return
+        try:
             db = self._db(write=True)
             with db:
                 db.executemany("INSERT OR REPLACE INTO rerank(sha256, blob) VALUES (?, ?)", list(blobs.items()))
+        except sqlite3.Error as e:
+            log.warning("%s: re-rank records not stored (%s); queries re-read those files", self.path, e)
 
     def get(self, shas: list[str]) -> dict[str, bytes]:
-        db = self._db(write=False)
         out: dict[str, bytes] = {}
-        if db is None or not shas:
-            return out
-        shas = sorted(set(shas))
-        for i in range(0, len(shas), _CHUNK):
-            chunk = shas[i:i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            out.update(db.execute(f"SELECT sha256, blob FROM rerank WHERE sha256 IN ({marks})", chunk))
+        try:
+            db = self._db(write=False)
+            if db is None or not shas:
+                return out
+            shas = sorted(set(shas))
+            for i in range(0, len(shas), _CHUNK):
+                chunk = shas[i:i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                out.update(db.execute(f"SELECT sha256, blob FROM rerank WHERE sha256 IN ({marks})", chunk))
+        except sqlite3.Error:
+            return {}   # unreadable side file: candidates are re-scored from their files
         return out
 
     def drop(self, shas: list[str]) -> None:
-        db = self._db(write=False)
-        if db is not None and shas:
-            with db:
-                db.executemany("DELETE FROM rerank WHERE sha256 = ?", [(s,) for s in shas])
+        try:
+            db = self._db(write=False)
+            if db is not None and shas:
+                with db:
+                    db.executemany("DELETE FROM rerank WHERE sha256 = ?", [(s,) for s in shas])
+        except sqlite3.Error as e:   # an orphan blob is harmless (keyed by content)
+            log.warning("%s: re-rank records of removed adapters not dropped (%s)", self.path, e)
 
     def close(self) -> None:
         if self._conn is not None:

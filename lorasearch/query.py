@@ -78,7 +78,7 @@ def load_indexed(rec: dict):
 
 def _stored_records(index, ids: list[int]) -> dict:
     """``{id: RerankRecord}`` stored with the candidates, in one batched read; a store without
-    records (Milvus, an index built before them) or a corrupt blob gives none for that id."""
+    records or an index built before them gives none, a corrupt blob none for that id."""
     from lorasearch.rerank import RerankRecord
 
     fetch = getattr(index, "rerank_blobs", None)

@@ -197,3 +197,22 @@ def test_milvus_store_keeps_records_and_query_reads_no_file(sd15, tmp_path, monk
     res = _query(idx, q)
     assert _kinds(res) == EXPECT and res.query.reread == 0
     assert all(h.rescored_from == "record" and h.score_bound == 0 for h in res.hits)
+
+
+def test_side_blobs_survive_a_corrupt_file(tmp_path):
+    """The Milvus store's side file, overwritten with garbage: reads give nothing (queries re-read
+    files), writes warn instead of failing the upsert."""
+    from lorasearch.indexer.side_blobs import FILE, SideBlobs
+
+    side = SideBlobs(tmp_path, readonly=False)
+    side.put({"a" * 64: b"blob"})
+    assert side.get(["a" * 64, "b" * 64]) == {"a" * 64: b"blob"}
+    side.close()
+    (tmp_path / FILE).write_bytes(b"not a database" * 100)
+    for name in ("-wal", "-shm"):
+        (tmp_path / (FILE + name)).unlink(missing_ok=True)
+    side = SideBlobs(tmp_path, readonly=False)
+    assert side.get(["a" * 64]) == {}
+    side.put({"c" * 64: b"x"})        # logged, not raised
+    side.drop(["c" * 64])
+    side.close()
