@@ -49,8 +49,9 @@ import numpy as np
 from lorasearch.errors import (BadAdapterError, IncompatibleError, IndexLockedError, MissingError,
                                UnavailableError, UsageError)
 
-from .catalog import RECORD_COLUMNS, _dumps, _now
+from .catalog import RECORD_COLUMNS, RERANK_MAX_BYTES, _dumps, _now
 from .lock import LockedWriterMixin, WriterLock
+from .side_blobs import SideBlobs
 
 LOCK_FILE = "writer.lock"
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT")
@@ -124,6 +125,22 @@ def _lite_busy(uri: str, timeout: float) -> bool:
         os.close(fd)
 
 
+def _blobs_of(records: list[dict]) -> dict[str, bytes]:
+    """``{sha256: rerank blob}`` of the records that carry one, validated as ``LoraIndex`` does."""
+    out = {}
+    for rec in records:
+        blob = rec.get("rerank")
+        if blob is None:
+            continue
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise UsageError(f"{rec['path']}: rerank must be bytes, got {type(blob).__name__}")
+        if len(blob) > RERANK_MAX_BYTES:
+            raise UsageError(f"{rec['path']}: rerank record of {len(blob):,} bytes exceeds the "
+                             f"{RERANK_MAX_BYTES:,}-byte bound")
+        out[str(rec["sha256"])] = bytes(blob)
+    return out
+
+
 class MilvusStore(LockedWriterMixin):
     """Open with ``MilvusStore.open(root, uri=..., collection=..., create=..., readonly=...)``."""
 
@@ -147,6 +164,7 @@ class MilvusStore(LockedWriterMixin):
         self._meta_cache: dict[str, str] = {}
         self._wrote = False
         self.index_type = "FLAT"
+        self._side = SideBlobs(root, readonly)    # re-rank records (MiB-sized: beside Milvus, by sha256)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -229,6 +247,7 @@ class MilvusStore(LockedWriterMixin):
                 if self._lock_depth:
                     self._lock_depth = 0
                     self._lock.release()
+                self._side.close()
                 if self.client is not None:
                     self.client.close()
                     self.client = None
@@ -429,6 +448,7 @@ class MilvusStore(LockedWriterMixin):
         with self._mutex, self._writing():
             dim = self._require_dim()
             prepared = self._prepare(records, dim)
+            self._side.put(_blobs_of(records))    # before the rows: a crash leaves an unused blob at worst
             existing = self._existing([r["path"] for r, _ in prepared])
             fresh = sum(1 for r, _ in prepared if r["path"] not in existing)
             next_id = int(self._meta("next_id"))
@@ -477,8 +497,10 @@ class MilvusStore(LockedWriterMixin):
             if paths:
                 targets |= {int(r["id"]) for r in self._existing(paths).values()}
             if targets:
+                shas = {r["sha256"] for r in self.get_many(sorted(targets)).values()}
                 self.client.delete(self.name, ids=sorted(targets))
                 self._wrote = True
+                self._side.drop([s for s in shas if not self.by_sha256(s)])   # no row of that content left
         return len(targets)
 
     def touch(self, adapter_id: int, size: int | None = None, mtime_ns: int | None = None) -> bool:
@@ -550,6 +572,13 @@ class MilvusStore(LockedWriterMixin):
                 rows = self.client.get(self.name, ids=ids[i:i + MAX_TOPK], output_fields=list(RECORD_COLUMNS))
                 out.update({int(r["id"]): self._record(r) for r in rows})
         return out
+
+    def rerank_blobs(self, ids) -> dict[int, bytes]:
+        """``{id: blob}`` of the re-rank records stored with ``upsert(rec["rerank"])`` (ids without one
+        are left out); kept in ``rerank.sqlite`` beside the collection, keyed by sha256."""
+        recs = self.get_many(ids)
+        blobs = self._side.get([r["sha256"] for r in recs.values()])
+        return {i: blobs[r["sha256"]] for i, r in recs.items() if r["sha256"] in blobs}
 
     def by_path(self, path) -> dict | None:
         if not self._ready():

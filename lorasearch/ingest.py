@@ -24,6 +24,7 @@ from lorasearch.errors import BadAdapterError, LorasearchError, MissingError
 from lorasearch.results import SyncReport
 
 EMBED_BATCH = 16
+RERANK_BUDGET = None   # bytes of factor payload per re-rank record; None: rerank.DEFAULT_BUDGET (2 MiB)
 
 _KINDS = ((stat_mod.S_ISFIFO, "a FIFO (named pipe)"), (stat_mod.S_ISCHR, "a character device"),
           (stat_mod.S_ISBLK, "a block device"), (stat_mod.S_ISSOCK, "a socket"))
@@ -126,6 +127,17 @@ def embed(encoder, adapters: list, device: str = "auto") -> tuple[np.ndarray, li
     norms = [float(np.sqrt(sum(float(np.sum(np.asarray(m.sigma, np.float64) ** 2)) for m in c.modules)))
              for c in canon]
     return encoder.encode(canon), norms
+
+
+def rerank_blob(adapter) -> bytes | None:
+    """The adapter's compact re-rank record (``lorasearch.rerank``), serialized; None when it cannot
+    be built (the query then re-reads that candidate's file, as for an index without records)."""
+    from lorasearch.rerank import DEFAULT_BUDGET, build_record
+
+    try:
+        return build_record(adapter, RERANK_BUDGET or DEFAULT_BUDGET).to_bytes()
+    except Exception:  # noqa: BLE001 -- a record is an optimization; its absence is handled at query time
+        return None
 
 
 # ---- sync -------------------------------------------------------------------------------------
@@ -254,6 +266,11 @@ class Sync:
         self.index.check_encoder(enc.spec, enc.version, enc.dim)
         for (rec, _a, _o), v, n in zip(pending, vecs, norms):
             rec["embedding"], rec["delta_norm"] = v, n
+        if callable(getattr(self.index, "rerank_blobs", None)):   # a store that keeps re-rank records
+            for rec, adapter, _o in pending:
+                blob = rerank_blob(adapter)
+                if blob is not None:
+                    rec["rerank"] = blob
         try:
             self.index.upsert([rec for rec, _a, _o in pending])
         except BadAdapterError as e:     # a store refused a record (e.g. a path over Milvus's limit)

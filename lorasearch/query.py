@@ -1,7 +1,8 @@
 """Query: embed one adapter, search its family in FAISS, re-score the top candidates exactly.
 
-Candidates are re-scored by the exact Frobenius cosine of ΔW computed from the factors
-(DESIGN decision 3, ``rerank.factor_cosines``); the hit's ``match`` says what was found:
+Candidates are re-scored by the Frobenius cosine of ΔW computed from the factors (DESIGN
+decision 3): from the re-rank record stored at index time (``rerank.rescore``), or from the
+candidate's file (``rerank.factor_cosines``) when there is none or it cannot decide; the hit's ``match`` says what was found:
 ``exact`` (same bytes), ``same-update`` (same ΔW: cosine ≥ 0.999 and the same norm, or — when
 one side's alpha is unknown — the same direction, flagged ``scale_known: false``), ``similar``.
 """
@@ -21,7 +22,9 @@ from lorasearch.results import MATCH_ORDER, Hit, QueryInfo, QueryResult
 SAME_UPDATE_COSINE = 0.999   # issue 2: "the same ΔW … cosine ≥ 0.999"
 SAME_UPDATE_NORM_TOL = 0.01  # and the same size: a ΔW scaled ×2 is a different update
 RERANK_FACTOR, RERANK_MIN = 5, 50   # default re-ranking depth: max(5k, 50) candidates …
-RERANK_BYTES = 512 * 1024 * 1024    # … whose files add up to at most this many bytes
+RERANK_BYTES = 512 * 1024 * 1024    # … whose files add up to at most this many bytes (candidates
+                                    # without a stored re-rank record only: records need no file)
+REREAD_MAX = 5   # "undecided" candidates (a truncated record cannot prove same-update) re-read per query
 TIE_MARGIN = 8                      # extra candidates so results do not depend on a store's tie order
 
 
@@ -73,6 +76,78 @@ def load_indexed(rec: dict):
         return None
 
 
+def _stored_records(index, ids: list[int]) -> dict:
+    """``{id: RerankRecord}`` stored with the candidates, in one batched read; a store without
+    records or an index built before them gives none, a corrupt blob none for that id."""
+    from lorasearch.rerank import RerankRecord
+
+    fetch = getattr(index, "rerank_blobs", None)
+    if not ids or not callable(fetch):
+        return {}
+    out = {}
+    for rid, blob in fetch(ids).items():
+        try:
+            out[rid] = RerankRecord.from_bytes(blob, where=f"re-rank record {rid}")
+        except BadAdapterError:
+            continue   # re-scored from its file instead
+    return out
+
+
+def _rescore_candidates(index, adapter, found, records, n_rerank, budget, q_scale_known):
+    """The candidates as hits, the top ``n_rerank`` re-scored by the ΔW cosine: from the stored
+    re-rank records (no file opened; exact for a lossless record, ± ``score_bound`` for a
+    truncated one), else — no record, or a record whose bound straddles the same-update cosine
+    ("undecided", at most REREAD_MAX per query) — from the candidate's file, exactly. Returns
+    (hits, number of candidate files read)."""
+    from lorasearch.rerank import factor_cosines, match_kind, rescore
+
+    hits: list[Hit] = []
+    top = [rid for pos, (rid, _s) in enumerate(found) if pos < n_rerank and rid in records
+           and records[rid]["sha256"] != adapter.sha256]
+    stored = _stored_records(index, top)
+    from_record, from_file = [], []
+    for rank_pos, (rid, emb_score) in enumerate(found):
+        rec = records.get(rid)
+        if rec is None:
+            continue
+        hit = Hit(rank=0, id=rid, path=rec["path"], score=float(emb_score), match="similar",
+                  embedding_score=round(float(emb_score), 6), reranked=False, family=rec["family"],
+                  format=rec["format"], sha256=rec["sha256"],
+                  scale_known=q_scale_known and bool((rec.get("info") or {}).get("scale_known", True)),
+                  ranks=[int(r) for r in rec.get("ranks") or []])
+        if rec["sha256"] == adapter.sha256:
+            hit.score, hit.match, hit.reranked = 1.0, "exact", True
+        elif rid in stored:
+            from_record.append((hit, stored[rid], rec))
+        elif rank_pos < n_rerank and (budget is None or budget >= rec["size"]):
+            budget = None if budget is None else budget - rec["size"]
+            from_file.append((hit, rec))
+        hits.append(hit)
+    if from_record:
+        qnorm, cosines, bounds, norms = rescore(adapter, [r for _h, r, _c in from_record])
+        undecided = 0
+        for (hit, _r, rec), cos, bnd, cnorm in zip(from_record, cosines, bounds, norms):
+            kind = match_kind(float(cos), float(bnd), qnorm, float(cnorm), scale_known=hit.scale_known)
+            # "undecided" is not proven the same update: "similar" unless its file (re-read below,
+            # at most REREAD_MAX per query, and only if unchanged since indexing) decides otherwise
+            hit.score, hit.reranked, hit.rescored_from = float(cos), True, "record"
+            hit.score_bound = float(bnd)
+            hit.match = "similar" if kind == "undecided" else kind
+            if kind == "undecided" and undecided < REREAD_MAX:
+                undecided += 1
+                from_file.append((hit, rec))
+    loaded = [(hit, rec, load_indexed(rec)) for hit, rec in from_file]
+    loaded = [(hit, rec, other) for hit, rec, other in loaded if other is not None]
+    if loaded:
+        qnorm, cosines, norms = factor_cosines(adapter, [o for _h, _r, o in loaded],
+                                               [r.get("delta_norm") for _h, r, _o in loaded])
+        for (hit, _r, other), cos, onorm in zip(loaded, cosines, norms):
+            hit.scale_known = hit.scale_known and bool(getattr(other, "scale_known", True))
+            hit.score, hit.reranked, hit.rescored_from, hit.score_bound = float(cos), True, "file", 0.0
+            hit.match = match_kind(float(cos), 0.0, qnorm, float(onorm), scale_known=hit.scale_known)
+    return hits, len(from_file)
+
+
 def _check_args(k: int, threshold: float | None, rerank: int | None) -> None:
     if k < 1:
         raise UsageError(f"k must be at least 1, not {k}")
@@ -99,14 +174,18 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
               rerank: int | None = None, device: str = "auto") -> QueryResult:
     """The ``k`` adapters most like the one at ``path`` (same family only), exactly re-scored.
 
+    Re-scoring reads each candidate's stored re-rank record (one batched read, bounded bytes per
+    candidate, no file opened); ``score`` is then the exact ΔW cosine for a lossless record and
+    the estimate from a truncated one, the exact cosine lying within ``score_bound`` of it. Only
+    candidates without a record (an index built before records; the Milvus store) or whose bound
+    leaves same-update undecided are re-scored from their files (``query.reread`` counts them).
+
     ``rerank``: how many FAISS candidates to re-score by the exact ΔW cosine. Default
     max(5k, 50), stopping early once the candidates' files add up to RERANK_BYTES (so a
     query over SDXL-sized files stays interactive); 0 turns re-ranking off and scores are
     embedding cosines. On the CPU language collection re-scoring the sketch's top 20/30/50
     gave NDCG@10 87.9/91.7/93.4 against 93.7 for exact search over everything.
     """
-    from lorasearch.rerank import factor_cosines
-
     _check_args(k, threshold, rerank)
     adapter = load_query(path)
     qvec, _qnorm = encoder.embed([adapter], device=device)   # the sketch: from the factors, no torch
@@ -120,33 +199,7 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
     # and not another's would make results depend on the store; ties go to the smaller id below
     found = index.search(qvec, adapter.family, max(k, n_rerank) + TIE_MARGIN)[0] if recorded else []
     records = index.get_many([rid for rid, _s in found]) if found else {}   # one round trip
-    hits: list[Hit] = []
-    to_score = []
-    for rank_pos, (rid, emb_score) in enumerate(found):
-        rec = records.get(rid)
-        if rec is None:
-            continue
-        hit = Hit(rank=0, id=rid, path=rec["path"], score=float(emb_score), match="similar",
-                  embedding_score=round(float(emb_score), 6), reranked=False, family=rec["family"],
-                  format=rec["format"], sha256=rec["sha256"],
-                  scale_known=q_scale_known and bool((rec.get("info") or {}).get("scale_known", True)),
-                  ranks=[int(r) for r in rec.get("ranks") or []])
-        if rec["sha256"] == adapter.sha256:
-            hit.score, hit.match, hit.reranked = 1.0, "exact", True
-        elif rank_pos < n_rerank and (budget is None or budget >= rec["size"]):
-            other = load_indexed(rec)
-            if other is not None:
-                budget = None if budget is None else budget - rec["size"]
-                hit.scale_known = hit.scale_known and bool(getattr(other, "scale_known", True))
-                to_score.append((hit, other, rec.get("delta_norm")))
-        hits.append(hit)
-    if to_score:
-        qnorm, cosines, norms = factor_cosines(adapter, [o for _h, o, _n in to_score], [n for *_x, n in to_score])
-        for (hit, _o, _n), cos, onorm in zip(to_score, cosines, norms):
-            hit.score, hit.reranked = float(cos), True
-            same_size = qnorm > 0 and abs(onorm / qnorm - 1.0) <= SAME_UPDATE_NORM_TOL
-            if cos >= SAME_UPDATE_COSINE and (same_size or not hit.scale_known):
-                hit.match = "same-update"
+    hits, reread = _rescore_candidates(index, adapter, found, records, n_rerank, budget, q_scale_known)
     qpath = str(adapter_root(Path(path)).resolve())
     # re-scored candidates rank above any left out by the re-ranking budget (as eval's SPEC+rerank@N)
     hits.sort(key=lambda h: (MATCH_ORDER[h.match], not h.reranked, -round(h.score, 6), h.path != qpath, h.id))
@@ -163,5 +216,6 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
             h.labels = labels.get(h.id, [])
     info = QueryInfo(path=str(path), sha256=adapter.sha256, format=adapter.format, family=adapter.family,
                      n_modules=len(adapter.modules), encoder=encoder.spec, k=k, threshold=threshold,
-                     indexed_in_family=index.count(adapter.family), scale_known=q_scale_known)
+                     indexed_in_family=index.count(adapter.family), scale_known=q_scale_known,
+                     reread=reread)
     return QueryResult(info, hits)

@@ -59,6 +59,10 @@ class Hit:
     scale_known: bool = True      # False: one side's alpha is unknown, so the norm was not compared
     ranks: list[int] = field(default_factory=list)    # the indexed adapter's ranks (catalog record)
     labels: list[str] = field(default_factory=list)   # its labels (``lorasearch tag``), sorted
+    # re-scored from the stored re-rank "record" (no file opened) or by re-reading the "file";
+    # None when not re-scored. ``score_bound``: |true ΔW cosine − score| ≤ score_bound (0 = exact)
+    rescored_from: str | None = None
+    score_bound: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +80,7 @@ class QueryInfo:
     threshold: float | None
     indexed_in_family: int
     scale_known: bool = True
+    reread: int = 0               # candidate files opened to re-score (0 when records decided all)
 
 
 @dataclass
@@ -90,10 +95,12 @@ class QueryResult(_Result):
     def score_meaning(self) -> str:
         """One line saying what the scores are (the CLI table's last line)."""
         reranked = {h.reranked for h in self.hits}
+        bounded = any(h.score_bound > 0 for h in self.hits)
+        tail = "; some within ± score_bound (from a compact record: --json)" if bounded else ""
         if reranked == {True}:
-            return "score: exact cosine of the weight updates ΔW (1 = same direction)"
+            return f"score: exact cosine of the weight updates ΔW (1 = same direction){tail}"
         if True in reranked:
-            return "score: exact ΔW cosine; (e) = embedding cosine, not re-ranked"
+            return f"score: exact ΔW cosine{tail}; (e) = embedding cosine, not re-ranked"
         return "score: embedding cosine (not re-ranked; --rerank N re-scores by exact ΔW cosine)"
 
 

@@ -80,6 +80,25 @@ def gallery(tmp_path):
 
 
 # -- the Store protocol --------------------------------------------------------------------
+def test_rerank_blobs_roundtrip_replace_and_remove(idx, tmp_path):
+    """Both backends keep a MiB-sized re-rank record with its row (Milvus beside it, by sha256)."""
+    big = bytes(range(256)) * (3 << 12)                        # 3 MiB: over any Milvus VARCHAR
+    with open_store(idx, create=True) as s:
+        s.check_encoder("toy", "1", 8)
+        with s.writer():
+            a, b, c = s.upsert([rec(tmp_path / "a", seed=1, rerank=big), rec(tmp_path / "b", seed=2, rerank=b"x"),
+                                rec(tmp_path / "c", seed=3)])
+        assert s.rerank_blobs([a, b, c, 999]) == {a: big, b: b"x"}
+        with s.writer():
+            s.upsert([rec(tmp_path / "b", seed=4, rerank=b"y")])   # new content: its own record
+            s.remove([tmp_path / "a"])
+        assert s.rerank_blobs([a, b, c]) == {b: b"y"}
+        with pytest.raises(UsageError), s.writer():
+            s.upsert([rec(tmp_path / "d", seed=5, rerank="not bytes")])
+    with open_store(idx, readonly=True) as s:
+        assert s.rerank_blobs([b]) == {b: b"y"}
+
+
 def test_upsert_get_search_count_roundtrip(idx, tmp_path):
     with open_store(idx, create=True) as s:
         assert isinstance(s, Store)
