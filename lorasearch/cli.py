@@ -324,31 +324,50 @@ def stats(ctx, as_json):
     _emit(res, as_json, "\n".join(f"{k}: {v}" for k, v in res.as_dict().items() if k != "version"))
 
 
-def _attach_optional_groups() -> None:
-    """`data`, `train` and `eval` live in their own modules (they pull in heavier dependencies);
-    `eval` and `train` live in the eval package (``lorasearch.eval.cli``, ``.train_cli``: training
-    takes eval's metrics as its evaluator), attached here by name only, so nothing in the package
-    proper imports ``lorasearch.eval``."""
+# Commands that live in their own modules, imported only when they run (or for --help): a default
+# `query` must not pay for the audit, service, eval and training modules (issue 8: cold query cost).
+# `eval` and `train` live in the eval package (training takes eval's metrics as its evaluator) and
+# are attached here by name only, so nothing in the package proper imports ``lorasearch.eval``.
+_LAZY = {
+    "data": ("lorasearch.cli_data", "data"),
+    "train": ("lorasearch.eval.train_cli", "train"),
+    "eval": ("lorasearch.eval.cli", "eval_group"),
+    "serve": ("lorasearch.cli_serve", "serve"),   # fastapi/uvicorn only when `serve` runs
+    "dedupe": ("lorasearch.cli_audit", "dedupe"),  # issue 12's audit commands
+    "explain": ("lorasearch.cli_audit", "explain"),
+    "label": ("lorasearch.cli_audit", "label"),
+    "tag": ("lorasearch.cli_audit", "tag"),
+    "untag": ("lorasearch.cli_audit", "untag"),
+}
+
+
+def _lazy_command(name: str):
     import importlib
 
-    for mod, attr in (("lorasearch.cli_data", "data"), ("lorasearch.eval.train_cli", "train"),
-                      ("lorasearch.eval.cli", "eval_group")):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        cmd = getattr(m, attr, None) or getattr(m, attr.replace("_group", ""), None)
+    mod, attr = _LAZY[name]
+    try:
+        return getattr(importlib.import_module(mod), attr, None)
+    except ModuleNotFoundError as e:
+        if e.name != mod:
+            raise
+        return None
+
+
+def _list_commands(self, ctx):
+    return sorted(set(click.Group.list_commands(self, ctx)) | set(_LAZY))
+
+
+def _get_command(self, ctx, name):
+    cmd = click.Group.get_command(self, ctx, name)
+    if cmd is None and name in _LAZY:
+        cmd = _lazy_command(name)
         if cmd is not None:
-            cli.add_command(cmd)
-    from lorasearch.cli_serve import serve   # fastapi/uvicorn are imported only when `serve` runs
-    cli.add_command(serve)
-    from lorasearch.cli_audit import attach   # dedupe, explain, label, tag, untag (issue 12)
-    attach(cli)
+            self.add_command(cmd, name)
+    return cmd
 
 
-_attach_optional_groups()
+cli.list_commands = _list_commands.__get__(cli)
+cli.get_command = _get_command.__get__(cli)
 
 
 def main() -> None:
