@@ -39,7 +39,7 @@ class ErrorGroup(click.Group):
 
 
 def _set_global(ctx, param, value):
-    """`--index`, `--device`, `--lock-timeout` given after the subcommand override the group's."""
+    """Global options (`--index`, `--device`, `--store` …) given after the subcommand override the group's."""
     if value is not None:
         root = ctx.find_root()
         root.ensure_object(dict)
@@ -56,10 +56,21 @@ _GLOBALS = {
     "lock_timeout": lambda: click.option("--lock-timeout", "lock_timeout", type=click.FloatRange(min=0),
                                          default=None, expose_value=False, callback=_set_global,
                                          help="Seconds to wait for another writer (same as before the command)."),
+    "store": lambda: click.option("--store", "store", type=click.Choice(["faiss", "milvus"]), default=None,
+                                  expose_value=False, callback=_set_global,
+                                  help="faiss|milvus for a NEW index (same as before the command)."),
+    "milvus_uri": lambda: click.option("--milvus-uri", "milvus_uri", metavar="URI", default=None,
+                                       expose_value=False, callback=_set_global,
+                                       help="Milvus server or milvus-lite file (same as before the command)."),
+    "milvus_index": lambda: click.option("--milvus-index", "milvus_index",
+                                         type=click.Choice(["FLAT", "HNSW", "IVF_FLAT"], case_sensitive=False),
+                                         default=None, expose_value=False,
+                                         callback=lambda ctx, p, v: _set_global(ctx, p, v and v.upper()),
+                                         help="Milvus vector index of a NEW index (same as before the command)."),
 }
 
 
-def global_options(f, names=("index", "device", "lock_timeout")):
+def global_options(f, names=("index", "device", "lock_timeout", "store", "milvus_uri", "milvus_index")):
     """The group's options, accepted after the subcommand too (`lorasearch index DIR --index X`)."""
     for name in reversed(names):
         f = _GLOBALS[name]()(f)

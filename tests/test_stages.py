@@ -343,3 +343,11 @@ def test_one_labels_and_manifest_reader_for_training_and_eval(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(MissingError, match="no manifest"):
         R.from_collection(tmp_path / "nothing")
+
+
+def test_store_options_are_accepted_after_the_subcommand(tmp_path, gallery):
+    idx = tmp_path / "st"
+    assert run("index", gallery, "--index", idx, "--store", "faiss").exit_code == 0
+    assert json.loads((idx / "store.json").read_text())["store"] == "faiss"
+    res = run("stats", "--index", idx, "--store", "milvus")          # the other store: refused, one line
+    assert res.exit_code == 2 and "uses the faiss store" in res.output
