@@ -26,7 +26,19 @@ EXIT_INTERNAL = 1
 
 
 class _Group(ErrorGroup):
-    """Maps every failure, click's own included, to one line on stderr and the documented exit code."""
+    """Maps every failure, click's own included, to one line on stderr and the documented exit code;
+    the commands of ``_LAZY`` are imported when first asked for."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY))
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in _LAZY:
+            cmd = _lazy_command(name)
+            if cmd is not None:
+                self.add_command(cmd, name)
+        return cmd
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -353,21 +365,6 @@ def _lazy_command(name: str):
         return None
 
 
-def _list_commands(self, ctx):
-    return sorted(set(click.Group.list_commands(self, ctx)) | set(_LAZY))
-
-
-def _get_command(self, ctx, name):
-    cmd = click.Group.get_command(self, ctx, name)
-    if cmd is None and name in _LAZY:
-        cmd = _lazy_command(name)
-        if cmd is not None:
-            self.add_command(cmd, name)
-    return cmd
-
-
-cli.list_commands = _list_commands.__get__(cli)
-cli.get_command = _get_command.__get__(cli)
 
 
 def main() -> None:
