@@ -28,6 +28,30 @@ def default_rerank_depth(k: int) -> int:
     return max(RERANK_FACTOR * k, RERANK_MIN)
 
 
+def ranking_weight(encoder) -> float:
+    """How much the encoder's own cosine counts in the order of ``similar`` results (issue 11).
+
+    0 for a training-free encoder (sketch, baselines): the exact ΔW cosine decides the order, as the
+    embedding only approximates it. A learned encoder (one loaded from a checkpoint, ``.config``)
+    learned an order dense cosine does not know, so its order is kept: the weight ``w`` of the fusion
+    ``w·encoder + (1−w)·exact`` recorded in its config (``retrieval.fusion_weight``, chosen on
+    validation data), else 1 (the encoder's order alone). Match kinds always come from the exact cosine."""
+    config = getattr(encoder, "config", None)
+    if not isinstance(config, dict):
+        return 0.0
+    w = (config.get("retrieval") or {}).get("fusion_weight", 1.0)
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        return 1.0
+    return min(max(w, 0.0), 1.0) if math.isfinite(w) else 1.0
+
+
+def fused_score(embedding, exact, w: float):
+    """The ranking score of a re-scored candidate: ``w·embedding + (1−w)·exact`` (numbers or arrays)."""
+    return exact if w == 0.0 else w * embedding + (1.0 - w) * exact
+
+
 class _QuietFilter(logging.Filter):
     """Drops the reader's records logged by a thread inside ``quiet_reader`` (thread-local, so a
     concurrent ingest in the same process, e.g. under the HTTP service, keeps its warnings)."""
@@ -116,6 +140,7 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
         index.check_encoder(encoder.spec, encoder.version, encoder.dim)
     q_scale_known = bool(getattr(adapter, "scale_known", True))
     n_rerank = default_rerank_depth(k) if rerank is None else rerank
+    w = ranking_weight(encoder)
     budget = RERANK_BYTES if rerank is None else None   # an explicit --rerank N has no budget
     found = index.search(qvec, adapter.family, max(k, n_rerank))[0] if recorded else []
     hits: list[Hit] = []
@@ -129,7 +154,7 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
                   format=rec["format"], sha256=rec["sha256"],
                   scale_known=q_scale_known and bool((rec.get("info") or {}).get("scale_known", True)))
         if rec["sha256"] == adapter.sha256:
-            hit.score, hit.match, hit.reranked = 1.0, "exact", True
+            hit.score, hit.match, hit.reranked, hit.exact_cosine = 1.0, "exact", True, 1.0
         elif rank_pos < n_rerank and (budget is None or budget >= rec["size"]):
             other = load_indexed(rec)
             if other is not None:
@@ -140,7 +165,8 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
     if to_score:
         qnorm, cosines, norms = exact_cosines(qcanon, [o for _h, o, _n in to_score], [n for *_x, n in to_score])
         for (hit, _o, _n), cos, onorm in zip(to_score, cosines, norms):
-            hit.score, hit.reranked = float(cos), True
+            hit.score, hit.reranked = float(fused_score(hit.embedding_score, float(cos), w)), True
+            hit.exact_cosine = round(float(cos), 6)
             same_size = qnorm > 0 and abs(onorm / qnorm - 1.0) <= SAME_UPDATE_NORM_TOL
             if cos >= SAME_UPDATE_COSINE and (same_size or not hit.scale_known):
                 hit.match = "same-update"
@@ -154,5 +180,6 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
         h.rank, h.score = i, round(h.score, 6)
     info = QueryInfo(path=str(path), sha256=adapter.sha256, format=adapter.format, family=adapter.family,
                      n_modules=len(adapter.modules), encoder=encoder.spec, k=k, threshold=threshold,
-                     indexed_in_family=index.count(adapter.family), scale_known=q_scale_known)
+                     indexed_in_family=index.count(adapter.family), scale_known=q_scale_known,
+                     ranking="exact" if w == 0.0 else "encoder" if w == 1.0 else f"fusion w={w:g}")
     return QueryResult(info, hits)

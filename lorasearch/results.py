@@ -57,6 +57,7 @@ class Hit:
     format: str
     sha256: str
     scale_known: bool = True      # False: one side's alpha is unknown, so the norm was not compared
+    exact_cosine: float | None = None   # the exact ΔW cosine when re-scored (decides the match kind)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +75,7 @@ class QueryInfo:
     threshold: float | None
     indexed_in_family: int
     scale_known: bool = True
+    ranking: str = "exact"        # how similar results are ordered: exact | encoder | fusion w=W
 
 
 @dataclass
@@ -88,6 +90,9 @@ class QueryResult(_Result):
     def score_meaning(self) -> str:
         """One line saying what the scores are (the CLI table's last line)."""
         reranked = {h.reranked for h in self.hits}
+        if self.query.ranking != "exact" and True in reranked:
+            return (f"score: {'learned-encoder cosine' if self.query.ranking == 'encoder' else self.query.ranking + ': w·encoder + (1−w)·exact ΔW cosine'}"
+                    "; exact ΔW cosine (exact_cosine) decides exact/same-update")
         if reranked == {True}:
             return "score: exact cosine of the weight updates ΔW (1 = same direction)"
         if True in reranked:
