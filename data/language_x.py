@@ -166,4 +166,25 @@ def merge(out, seed: int = 0, device: str = "cpu", preset: str = "cpu", n_target
                    command=f"lorasearch data make language-x --out {out} --n {n_target or len(rows)} "
                            f"--seed {seed} --device {device}" + (" --tiny" if preset == "tiny" else ""))
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_readme(out, summary)
     return summary
+
+
+def write_readme(out: Path, summary: dict) -> None:
+    from lorasearch.data.lfpools import lfs, pools
+
+    L = [f"# language-x: labelling functions × text pools ({summary['adapters']} adapters so far)", "",
+         "MiniLM (all-MiniLM-L6-v2) LoRAs, one per (labelling function, pool, hyperparameters), made on CPU by",
+         "the batched trainer (`lorasearch.data.language_x`). Regenerate / resume / extend with", "",
+         f"    {summary['command']}", "",
+         f"{len(lfs())} labelling functions ({', '.join(sorted({lf.kind for lf in lfs().values()}))}) × "
+         f"{len(pools())} pools ({', '.join(pools())}); shots 1/4/16/64 per class or {N_FULL} examples; "
+         f"rank {'/'.join(map(str, RANKS))}, alpha r or 2r, lr log-uniform [1e-3, 8e-3], target modules "
+         f"{' / '.join(TARGET_SETS)}; held-out accuracy on {N_TEST} texts. `learned` = accuracy ≥ chance + "
+         f"{LEARNED_MARGIN} ({summary['learned_fraction']:.0%} so far); the others are kept and marked.", "",
+         "`manifest.parquet`: one row per adapter (id, path, lf, pool, task = lf@pool, shots, rank, alpha, targets,",
+         "learned, accuracy, loss curve, every hyperparameter in `hyperparameters`). `labels.csv`: id, LF, shots.", "",
+         "| LF | kind | adapters | learned | pools |", "|---|---|---|---|---|"]
+    for name, v in summary["per_lf"].items():
+        L.append(f"| {name} | {lfs()[name].kind} | {v['adapters']} | {v['learned']} | {v['pools']} |")
+    (Path(out) / "README.md").write_text("\n".join(L) + "\n")

@@ -61,7 +61,11 @@ def load(collection, cache: Path | None = None, limit: int | None = None) -> dic
             return dict(rows=rows, canon=canon, sketch=z["sketch"], dense=z["dense"], **_cols(rows))
     t0 = time.time()
     sketch = get_encoder("sketch").encode(canon)
-    dense = pairwise_dense_cosine(canon, canon, device="cpu")
+    # only query rows are ever needed (queries against the gallery): 1/5 of the all-pairs cost
+    qrows = [i for i, r in enumerate(rows) if r["role"] == "query"]
+    dense = np.full((len(rows), len(rows)), np.nan)
+    if qrows:
+        dense[qrows] = pairwise_dense_cosine([canon[i] for i in qrows], canon, device="cpu")
     log(f"sketch + dense cosine matrix in {time.time() - t0:.0f} s")
     if cache:
         np.savez(cache, ids=np.array(ids), sketch=sketch, dense=dense)
@@ -285,7 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--kinds", default="w2t,glnet")
     ap.add_argument("--pool-kinds", default="w2t", help="encoders trained in the leave-pools-out folds")
-    ap.add_argument("--ship", default=None, help="write the best LF-fold-0 learned model as a checkpoint here")
+    ap.add_argument("--ship", default=None, help="folder: write LF fold 0's learned model with the best validation NDCG there as KIND-minilm-x")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -348,8 +352,9 @@ def ship(models: dict, fr: dict, a, d) -> None:
             "LFs (hard negatives) with the same LFs on other pools (positives); GL, rank-padding and precision "
             "augmentation.\n\nPer-fold results: `eval/results/learned.md`. Fusion weight for `query` "
             f"(validation): {ch['fusion_weight']}; residual α: {rch['alpha']}.\n")
-    save_model(a.ship, best, res["model"], extra=extra, loss_curve=res["history"], card=card)
-    log(f"shipped {best} to {a.ship}")
+    dest = Path(a.ship) / f"{best}-minilm-x"
+    save_model(dest, best, res["model"], extra=extra, loss_curve=res["history"], card=card)
+    log(f"shipped {best} to {dest}")
 
 
 if __name__ == "__main__":
