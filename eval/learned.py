@@ -74,6 +74,7 @@ def load(collection, cache: Path | None = None, limit: int | None = None) -> dic
 
 def _cols(rows) -> dict:
     return dict(lf=np.array([r["lf"] for r in rows]), pool=np.array([r["pool"] for r in rows]),
+                kind=np.array([r["hyperparameters"].get("lf_kind", "?") for r in rows]),
                 role=np.array([r["role"] for r in rows]),
                 shots=np.array(["full" if r["shots"] is None else str(r["shots"]) for r in rows]))
 
@@ -167,13 +168,16 @@ def run_fold(d: dict, by: str, test: list[str], val: list[str], epochs: int, see
     def record(name, E, w, depth=DEPTH):
         pq = score(query_path_scores(E, dense, q_test, gallery, w, depth), d, q_test, gallery)
         out["methods"][name] = metrics_of(pq)
-        out["methods"][name]["per_shots"] = {k: metrics_of_sub(v) for k, v in aggregate_by(pq, d["shots"][q_test]).items()}
+        out["methods"][name].update(breakdowns(pq, q_test))
         per_q_all[name] = pq
+
+    def breakdowns(pq, q):
+        return {f"per_{c}": {k: metrics_of_sub(v) for k, v in aggregate_by(pq, d[c][q]).items()}
+                for c in ("shots", "kind")}
 
     S_dense = dense[np.ix_(q_test, gallery)]
     pq = score(S_dense, d, q_test, gallery)
-    out["methods"]["dense ΔW cosine"] = metrics_of(pq) | {"per_shots": {k: metrics_of_sub(v) for k, v in
-                                                                          aggregate_by(pq, d["shots"][q_test]).items()}}
+    out["methods"]["dense ΔW cosine"] = metrics_of(pq) | breakdowns(pq, q_test)
     record("sketch", d["sketch"], 0.0, depth=None)
     record("sketch+rerank@50", d["sketch"], 0.0)
     for kind in kinds:
@@ -212,6 +216,7 @@ def mean_table(fold_results: list[dict]) -> dict:
     for base in names:
         vals = {m: [] for m in METRICS}
         shots: dict = {}
+        kinds: dict = {}
         for f in fold_results:
             for n, v in f["methods"].items():
                 if n.split(" (")[0] == base:
@@ -219,9 +224,12 @@ def mean_table(fold_results: list[dict]) -> dict:
                         vals[m].append(v[m])
                     for s, sv in v.get("per_shots", {}).items():
                         shots.setdefault(s, []).append(sv["ndcg@10"])
+                    for s, sv in v.get("per_kind", {}).items():
+                        kinds.setdefault(s, []).append(sv["ndcg@10"])
         table[base] = {m: float(np.nanmean(x)) for m, x in vals.items()} | {
             "per_fold_ndcg@10": [round(100 * x, 1) for x in vals["ndcg@10"]],
-            "per_shots_ndcg@10": {s: float(np.nanmean(x)) for s, x in shots.items()}}
+            "per_shots_ndcg@10": {s: float(np.nanmean(x)) for s, x in shots.items()},
+            "per_kind_ndcg@10": {s: float(np.nanmean(x)) for s, x in kinds.items()}}
     return table
 
 
@@ -249,6 +257,12 @@ def markdown(results: dict, meta: dict) -> str:
         for name, v in t.items():
             L.append(f"| {name} | " + " | ".join(f"{100 * v['per_shots_ndcg@10'].get(s, float('nan')):.1f}"
                                                 for s in shots) + " |")
+        kinds = sorted({s for v in t.values() for s in v["per_kind_ndcg@10"]})
+        L += ["", "NDCG@10 by the kind of labelling function:", "",
+              "| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for name, v in t.items():
+            L.append(f"| {name} | " + " | ".join(f"{100 * v['per_kind_ndcg@10'].get(s, float('nan')):.1f}"
+                                                for s in kinds) + " |")
         L += ["", "Choices made on validation, per fold: " + "; ".join(
             ", ".join(f"{k}: " + " ".join(f"{a}={b}" for a, b in c.items() if a in ("fusion_weight", "alpha", "best_epoch"))
                       for k, c in f["choices"].items()) for f in results[split]["folds"]), ""]
