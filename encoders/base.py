@@ -69,7 +69,7 @@ def _load_builtin() -> None:
     # Importing the encoder modules registers them; kept lazy so `import lorasearch` stays light.
     import importlib
 
-    for mod in ("sketch", "rawcos", "baselines", "w2t", "glnet", "residual"):
+    for mod in ("sketch", "rawcos", "baselines", "w2t", "glnet", "residual", "sketch_residual"):
         try:
             importlib.import_module(f"lorasearch.encoders.{mod}")
         except ModuleNotFoundError as e:  # a module not written yet, not a missing dependency

@@ -111,15 +111,27 @@ def metrics_of(per_q) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
+def val_eval(qe, ge, ql, gl):
+    """The training evaluator: NDCG@10 / Hit@1 by embedding cosine; ``qe is ge`` = retrieval among
+    the validation adapters themselves (self-matches excluded). Undefined (no positives) counts 0."""
+    S = qe.astype(np.float64) @ ge.astype(np.float64).T
+    valid = ~np.eye(len(qe), dtype=bool) if qe is ge else None
+    a = aggregate(evaluate_scores(S, ql[:, None] == gl[None, :], valid, 10))
+    return {"ndcg@10": a.get("ndcg@10", 0.0), "hit@1": a.get("hit@1", 0.0)}
+
+
 def train(kind: str, d: dict, tr: np.ndarray, va: np.ndarray, epochs: int, seed: int, hidden: int = 64):
-    """A W2T or GL-net trained on ``tr`` (hard-negative supcon on the LF), early-stopped on val NDCG."""
+    """A W2T / GL-net (from scratch) or a sketch-residual trained on ``tr`` (hard-negative supcon on
+    the LF), early-stopped on validation NDCG@10. Returns (result, embeddings of every adapter)."""
     from lorasearch.encoders.train import TrainConfig, train_encoder
 
-    def val_eval(qe, ge, ql, gl):
-        S = qe.astype(np.float64) @ ge.astype(np.float64).T
-        valid = ~np.eye(len(qe), dtype=bool) if qe is ge else None
-        a = aggregate(evaluate_scores(S, ql[:, None] == gl[None, :], valid, 10))
-        return {"ndcg@10": a.get("ndcg@10", float("nan")), "hit@1": a.get("hit@1", float("nan"))}
+    if kind == "sketchres":
+        from lorasearch.encoders.sketch_residual import train_sketch_residual
+        res = train_sketch_residual(d["sketch"], d["lf"], d["pool"], tr, va, val_eval, seed=seed)
+        import torch
+        with torch.no_grad():
+            E = res["model"](torch.from_numpy(np.asarray(d["sketch"], np.float32))).numpy()
+        return res, E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
 
     cfg = TrainConfig(encoder=kind, epochs=epochs, batch_size=64, group_size=4, patience=4, seed=seed,
                       device="cpu", warmup_epochs=1, model={"hidden": hidden}, threads=1)
@@ -127,7 +139,7 @@ def train(kind: str, d: dict, tr: np.ndarray, va: np.ndarray, epochs: int, seed:
     res = train_encoder([d["canon"][i] for i in idx], cfg, labels=list(d["lf"][idx]),
                         groups=list(d["pool"][idx]), split=(np.arange(len(tr)), np.arange(len(tr), len(idx))),
                         evaluator=val_eval, log=lambda s: None)
-    return res
+    return res, embed_all(res["model"], d["canon"])
 
 
 def embed_all(model, canon) -> np.ndarray:
@@ -182,8 +194,7 @@ def run_fold(d: dict, by: str, test: list[str], val: list[str], epochs: int, see
     record("sketch+rerank@50", d["sketch"], 0.0)
     for kind in kinds:
         t0 = time.time()
-        res = train(kind, d, train_idx, val_idx, epochs, seed)
-        E = embed_all(res["model"], d["canon"])
+        res, E = train(kind, d, train_idx, val_idx, epochs, seed)
         w, vs = choose(W_GRID, lambda w: val_ndcg(E, w))   # ties / no signal: w = 0 (exact order, as today)
         out["choices"][kind] = {"fusion_weight": w, "val_ndcg@10": vs, "best_epoch": res["summary"]["best_epoch"],
                                 "epochs_run": res["summary"]["epochs_run"], "seconds": round(time.time() - t0, 1)}
@@ -301,8 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--kinds", default="w2t,glnet")
-    ap.add_argument("--pool-kinds", default="w2t", help="encoders trained in the leave-pools-out folds")
+    ap.add_argument("--kinds", default="sketchres,w2t,glnet")
+    ap.add_argument("--pool-kinds", default="sketchres,w2t", help="encoders trained in the leave-pools-out folds")
     ap.add_argument("--ship", default=None, help="folder: write LF fold 0's learned model with the best validation NDCG there as KIND-minilm-x")
     a = ap.parse_args(argv)
     import torch
