@@ -74,7 +74,7 @@ def train_sketch_residual(X: np.ndarray, labels, groups, tr, va, evaluator, epoc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         v = val_score()
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_ndcg@10": v})
         if v > best + 1e-6:
