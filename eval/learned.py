@@ -312,6 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--collection-name", default=None, help="how the card and report name the collection")
     ap.add_argument("--kinds", default="sketchres,w2t,glnet")
     ap.add_argument("--pool-kinds", default="sketchres,w2t", help="encoders trained in the leave-pools-out folds")
     ap.add_argument("--ship", default=None, help="folder: write LF fold 0's learned model with the best validation NDCG there as KIND-minilm-x")
@@ -330,6 +331,7 @@ def main(argv=None) -> int:
     kinds = tuple(k for k in a.kinds.split(",") if k)
     pool_kinds = tuple(k for k in a.pool_kinds.split(",") if k)
     results: dict = {}
+    shipped = None
     for by, n in (("lf", a.lf_folds), ("pool", a.pool_folds)):
         if n <= 0:
             continue
@@ -340,15 +342,17 @@ def main(argv=None) -> int:
                           kinds if by == "lf" else pool_kinds)
             models = fr.pop("_models", {})
             if a.ship and by == "lf" and i == 0:
-                ship(models, fr, a, d)
+                shipped = ship(models, fr, a, d)
             fold_results.append(fr)
             log(f"{by} fold {i + 1}/{n} done at {time.time() - t0:.0f} s: " + ", ".join(
                 f"{k.split(' (')[0]} {100 * v['ndcg@10']:.1f}" for k, v in fr["methods"].items()))
         results[by] = {"folds": fold_results, "table": mean_table(fold_results)}
-    meta = dict(collection=a.collection, n_adapters=len(d["rows"]), n_manifest=len(read_manifest(a.collection)),
+    meta = dict(collection=a.collection_name or a.collection, n_adapters=len(d["rows"]), n_manifest=len(read_manifest(a.collection)),
                 n_lfs=len(set(d["lf"])), n_pools=len(set(d["pool"])), machine=machine(),
                 date=datetime.now(timezone.utc).date().isoformat(), seconds=time.time() - t0,
                 command="python -m lorasearch.eval.learned " + " ".join(argv or sys.argv[1:]))
+    if shipped:
+        card_results(shipped[0], shipped[1], results)
     out.write_text(markdown(results, meta))
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=1, default=str) + "\n")
     plot(results, out.with_suffix(".png"))
@@ -370,16 +374,35 @@ def ship(models: dict, fr: dict, a, d) -> None:
                           "hard-negative batches (same pool, other LFs)", "train_lfs": sorted(
                               set(d["lf"].tolist()) - set(fr["test"]) - set(fr["val"])),
                           "val_lfs": fr["val"], "test_lfs": fr["test"], **res["summary"]}}
-    card = (f"# {best} for MiniLM LoRAs, trained on language-x (issue 11)\n\nData: `{a.collection}`, "
+    card = (f"# {best} for MiniLM LoRAs, trained on language-x (issue 11)\n\nData: `{a.collection_name or a.collection}`, "
             f"{fr['n_train']} adapters of {len(extra['training']['train_lfs'])} labelling functions "
             f"(validation: {', '.join(fr['val'])}; held out: {', '.join(fr['test'])}).\n"
             "Objective: supervised contrastive on the labelling function; batches pair one pool under several "
-            "LFs (hard negatives) with the same LFs on other pools (positives); GL, rank-padding and precision "
-            "augmentation.\n\nPer-fold results: `eval/results/learned.md`. Fusion weight for `query` "
-            f"(validation): {ch['fusion_weight']}; residual α: {rch['alpha']}.\n")
+            "LFs (hard negatives) with the same LFs on other pools (positives); "
+            + ("no augmentation needed: the sketch it corrects depends only on ΔW (GL-, rank-padding- and "
+               "precision-invariant by construction)" if best == "sketchres" else "GL, rank-padding and precision "
+               "augmentation") + ". Model selection (kind, epoch, fusion weight, residual α) on the validation LFs "
+            f"only.\n\nFusion weight for `query` (validation): {ch['fusion_weight']}; residual α: {rch['alpha']}.\n")
     dest = Path(a.ship) / f"{best}-minilm-x"
     save_model(dest, best, res["model"], extra=extra, loss_curve=res["history"], card=card)
     log(f"shipped {best} to {dest}")
+    return dest, best
+
+
+def card_results(dest: Path, kind: str, results: dict) -> None:
+    """Append the per-fold held-out results of the shipped kind and the baselines to its card."""
+    lines = ["", "## Held-out results (all folds; this checkpoint is LF fold 1's model)", ""]
+    for split, title in (("lf", "held-out labelling functions"), ("pool", "held-out pools")):
+        if split not in results:
+            continue
+        lines += [f"{title}, NDCG@10 ×100 (mean; per fold):", ""]
+        for name, v in results[split]["table"].items():
+            if name in ("dense ΔW cosine", "sketch", "sketch+rerank@50", kind, f"residual-{kind}"):
+                lines.append(f"- {name}: {100 * v['ndcg@10']:.1f} ({' / '.join(f'{x:.1f}' for x in v['per_fold_ndcg@10'])})")
+        lines.append("")
+    lines.append("Full tables: `eval/results/learned.md`.")
+    with open(dest / "CARD.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
