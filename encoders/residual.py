@@ -46,7 +46,7 @@ class ResidualEncoder(Encoder):
 @register("residual")
 def _factory(arg: str | None) -> Encoder:
     from lorasearch.encoders import get_encoder
-    from lorasearch.encoders.checkpoint import load_encoder, read_checkpoint
+    from lorasearch.encoders.checkpoint import read_checkpoint
 
     if not arg:
         raise UsageError("encoder 'residual' needs a checkpoint: --encoder residual:PATH")
@@ -54,8 +54,12 @@ def _factory(arg: str | None) -> Encoder:
     res = config.get("residual")
     if not isinstance(res, dict) or "alpha" not in res:
         raise BadAdapterError(arg, "checkpoint has no residual.alpha in config.json (train it with eval/learned.py)")
-    learned = load_encoder(config["encoder"], arg)
-    return ResidualEncoder(get_encoder(res.get("base", "sketch")), learned, float(res["alpha"]), path=learned.path)
+    learned = get_encoder(f"{config['encoder']}:{arg}")
+    enc = ResidualEncoder(get_encoder(res.get("base", "sketch")), learned, float(res["alpha"]),
+                          path=getattr(learned, "path", arg))
+    # the query-path fusion weight chosen on validation for the residual mix, not for the learned half
+    enc.config = {**config, "retrieval": {"fusion_weight": float(res.get("fusion_weight", 0.0))}}
+    return enc
 
 
 def _resolve(arg: str):

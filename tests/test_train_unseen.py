@@ -98,3 +98,18 @@ def test_sketch_residual_starts_as_the_sketch_and_learns_a_metric_that_carries_t
     ads = canonicalize_many([random_adapter("minilm", rank=2, seed=s, targets=r"attention\.self\.value$") for s in (0, 1)])
     np.testing.assert_allclose(enc.encode(ads), get_encoder("sketch").encode(ads), atol=1e-6)
     assert ranking_weight(enc) == 0.5 and enc.spec == f"sketchres:{(tmp_path / 'ck').resolve()}"
+
+
+def test_shipped_sketch_residual_and_its_residual_mix_load_by_name():
+    from lorasearch.encoders.checkpoint import shipped
+    from lorasearch.query import ranking_weight
+
+    assert "sketchres:minilm-x" in shipped()
+    enc, mix = get_encoder("sketchres:minilm-x"), get_encoder("residual:minilm-x")
+    assert enc.spec == "sketchres:minilm-x" and mix.spec == "residual:minilm-x"
+    assert mix.dim == enc.dim + get_encoder("sketch").dim and 0.0 <= mix.alpha <= 1.0
+    assert ranking_weight(enc) == enc.config["retrieval"]["fusion_weight"]
+    assert ranking_weight(mix) == mix.config["residual"]["fusion_weight"]
+    ads = canonicalize_many([random_adapter("minilm", rank=2, seed=s, targets=r"attention\.self\.value$") for s in (0, 1)])
+    Z = mix.encode(ads)
+    np.testing.assert_allclose(np.linalg.norm(Z, axis=1), 1.0, atol=1e-5)
