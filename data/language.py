@@ -208,21 +208,31 @@ def train_peft(spec: RunSpec, data: TaskData, device: str = "cpu", shared_init: 
 
 def train_batched(specs: list[RunSpec], datas: list[TaskData], device: str = "cpu",
                   clip: float | None = None, progress=None, base_factory=None,
-                  micro_batch: int | None = -1) -> list[RunResult]:
+                  micro_batch: int | None = -1, target=None, targets: list | None = None,
+                  head_lr: float = HEAD_LR) -> list[RunResult]:
     """Train ``len(specs)`` adapters at once (``MultiLora``): every step each adapter still running
     gets its own batch from its own data; adapters may differ in task, rank, alpha, lr, steps.
     Matches ``train_peft(spec, data, shared_init=True)`` for each adapter (dropout 0).
-    ``micro_batch``: rows per forward pass (length-sorted); None = the whole step at once."""
+    ``micro_batch``: rows per forward pass (length-sorted); None = the whole step at once.
+    ``target``: module predicate (default ``is_target``: query+value); ``targets``: per adapter, the
+    module-name suffixes it adapts (e.g. ``("value",)``) -- the others get A = B = 0, whose gradients
+    are then exactly zero, so they stay zero and ``factors`` leaves them out."""
     n = len(specs)
     torch.manual_seed(specs[0].seed)   # LoRA-dropout masks come from the global generator
     if micro_batch == -1:   # default: whole step in one pass on a GPU, length-sorted slices of 64 on CPU
         micro_batch = None if str(device).startswith("cuda") else 64
-    ml = MultiLora((base_factory or load_base)(device), n, [s.rank for s in specs], [s.alpha for s in specs], is_target,
-                   [s.dropout for s in specs], seeds=[s.seed for s in specs]).to(device)
+    ml = MultiLora((base_factory or load_base)(device), n, [s.rank for s in specs], [s.alpha for s in specs],
+                   target or is_target, [s.dropout for s in specs], seeds=[s.seed for s in specs]).to(device)
+    if targets is not None:
+        with torch.no_grad():
+            for name, layer in ml.layers():
+                for i, keep in enumerate(targets):
+                    if name.rsplit(".", 1)[-1] not in keep:
+                        layer.A[i].zero_()
     dim = ml.base.config.hidden_size
     head = StackedHead(n, dim, [d.n_labels for d in datas], [s.seed for s in specs]).to(device)
     opt = StackedAdamW(ml.lora_parameters(), lr=[s.lr for s in specs])
-    hopt = StackedAdamW(list(head.parameters()), lr=HEAD_LR)
+    hopt = StackedAdamW(list(head.parameters()), lr=head_lr)
     scheds = [batch_schedule(s.seed, len(d.train_y), min(s.batch_size, len(d.train_y)), s.steps)
               for s, d in zip(specs, datas)]
     curves: list[list[float]] = [[] for _ in specs]
@@ -267,7 +277,10 @@ def train_batched(specs: list[RunSpec], datas: list[TaskData], device: str = "cp
             return head(pool(h, mask.to(device)), r)[:, :d.n_labels]
 
         acc, tl = evaluate(fwd, d.test_ids, d.test_mask, d.test_y.to(device))
-        results.append(RunResult(s, ml.factors(i), curves[i], acc, tl, head.linear(i, d.n_labels)))
+        factors = ml.factors(i)
+        if targets is not None:
+            factors = {k: v for k, v in factors.items() if k.rsplit(".", 1)[-1] in targets[i]}
+        results.append(RunResult(s, factors, curves[i], acc, tl, head.linear(i, d.n_labels)))
     return results
 
 

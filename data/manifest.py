@@ -31,6 +31,10 @@ SCHEMA = pa.schema([
     ("accuracy", pa.float32()),        # held-out accuracy (classification suites)
     ("test_loss", pa.float32()),       # held-out loss
     ("variant_of", pa.string()),       # id of the adapter this one re-encodes (same ΔW), else null
+    ("lf", pa.string()),               # language-x: labelling function (null elsewhere)
+    ("pool", pa.string()),             # language-x: text pool
+    ("targets", pa.string()),          # language-x: adapted modules (qv | v | qkv)
+    ("learned", pa.bool_()),           # held-out accuracy clearly above chance (null = not judged)
 ])
 MANIFEST = "manifest.parquet"
 

@@ -95,7 +95,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 # encoder name -> the module that registers it (imported on first use only)
-_BUILTIN = {"sketch": "sketch", "rawcos": "rawcos", "flatvec_pca": "baselines", "w2t": "w2t", "glnet": "glnet"}
+_BUILTIN = {"sketch": "sketch", "rawcos": "rawcos", "flatvec_pca": "baselines", "w2t": "w2t", "glnet": "glnet",
+            "residual": "residual", "sketchres": "sketch_residual"}
 
 
 def _import_builtin(mod: str) -> None:

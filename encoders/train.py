@@ -114,7 +114,38 @@ def split_indices(n: int, labels: np.ndarray | None, val_frac: float, seed: int)
     return np.sort(tr), np.sort(va)
 
 
-def _batches(train_idx: np.ndarray, labels: np.ndarray | None, cfg: TrainConfig, rng: np.random.Generator):
+def _hard_batches(train_idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, cfg: TrainConfig,
+                  rng: np.random.Generator):
+    """Supcon batches for unseen tasks (issue 11): a batch picks one group (e.g. a text pool) and
+    several labels (labelling functions) present in it; each label brings one adapter from that
+    group plus ``group_size - 1`` of the same label from other groups. Same group, other label =
+    hard negatives (what the pool looks like must not count); same label, other group = positives."""
+    tr = np.asarray(train_idx)
+    if len(tr) < 2:
+        return []
+    by_lab = {lab: tr[labels[tr] == lab] for lab in sorted(set(labels[tr].tolist()))}
+    per_batch = max(2, cfg.batch_size // cfg.group_size)
+    out = []
+    for _ in range(max(1, len(tr) // cfg.batch_size)):
+        g = groups[rng.choice(tr)]
+        labs = sorted({labels[i] for i in tr if groups[i] == g})
+        labs = [labs[j] for j in rng.permutation(len(labs))[:per_batch]]
+        batch = []
+        for lab in labs:
+            idx = by_lab[lab]
+            same = idx[groups[idx] == g]
+            other = idx[groups[idx] != g]
+            batch.append(rng.choice(same))
+            if len(other):
+                batch += rng.choice(other, size=min(cfg.group_size - 1, len(other)), replace=False).tolist()
+        out.append(np.asarray(batch))
+    return out
+
+
+def _batches(train_idx: np.ndarray, labels: np.ndarray | None, cfg: TrainConfig, rng: np.random.Generator,
+             groups: np.ndarray | None = None):
+    if cfg.objective == "supcon" and labels is not None and groups is not None:
+        return _hard_batches(train_idx, labels, groups, cfg, rng)
     if cfg.objective != "supcon" or labels is None:
         perm = rng.permutation(train_idx)
         return [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
@@ -163,12 +194,16 @@ def _objective_loss(cfg, model, head, batch, y, dense_cos=None):
 
 def train_encoder(adapters: list[CanonicalAdapter], cfg: TrainConfig, labels: list[str] | None = None,
                   targets: list[float] | None = None, log: Callable[[str], None] | None = None,
-                  evaluator: Evaluator | None = None) -> dict:
+                  evaluator: Evaluator | None = None, groups: list[str] | None = None,
+                  split: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Train a model on canonical adapters; returns {model, head, history, summary}.
 
     ``labels`` drive supcon/classify; ``targets`` drive regress. ``evaluator`` (see ``Evaluator``)
     adds ``val_<metric>`` retrieval numbers each epoch; with one, supcon early-stops on
-    ``val_ndcg@10``, without one on ``val_loss``.
+    ``val_ndcg@10``, without one on ``val_loss``. ``groups`` (e.g. the text pool of each adapter)
+    switches supcon to hard-negative batches (``_hard_batches``). ``split`` = (train, val) indices
+    instead of the stratified split, e.g. validation *labels* never trained on: the validation
+    adapters are then retrieved among themselves (``evaluator(q, q, …)``; it must skip self-matches).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if cfg.objective not in OBJECTIVES:
@@ -188,7 +223,9 @@ def train_encoder(adapters: list[CanonicalAdapter], cfg: TrainConfig, labels: li
 
     lab = np.asarray(labels) if labels is not None else None
     classes = sorted(set(lab.tolist())) if lab is not None else []
-    tr, va = split_indices(len(adapters), lab, cfg.val_frac, cfg.seed)
+    tr, va = split if split is not None else split_indices(len(adapters), lab, cfg.val_frac, cfg.seed)
+    tr, va = np.asarray(tr, int), np.asarray(va, int)
+    grp = np.asarray(groups) if groups is not None else None
     y_all: torch.Tensor
     t_mean = t_std = None
     if cfg.objective == "regress":
@@ -205,7 +242,7 @@ def train_encoder(adapters: list[CanonicalAdapter], cfg: TrainConfig, labels: li
     if head is not None:
         head.to(device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(_batches(tr, lab, cfg, np.random.default_rng(0))))
+    steps_per_epoch = max(1, len(_batches(tr, lab, cfg, np.random.default_rng(0), grp)))
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
@@ -238,8 +275,11 @@ def train_encoder(adapters: list[CanonicalAdapter], cfg: TrainConfig, labels: li
                     out["val_loss"] = float(F.mse_loss(head(zs).squeeze(1), y))
             if lab is not None and evaluator is not None:
                 q = F.normalize(zs.float().cpu(), dim=1).numpy()
-                g = F.normalize(embed(model, tr_adapters, device), dim=1).numpy()
-                out.update({f"val_{k}": float(v) for k, v in evaluator(q, g, lab[va], lab[tr]).items()})
+                if split is not None:
+                    out.update({f"val_{k}": float(v) for k, v in evaluator(q, q, lab[va], lab[va]).items()})
+                else:
+                    g = F.normalize(embed(model, tr_adapters, device), dim=1).numpy()
+                    out.update({f"val_{k}": float(v) for k, v in evaluator(q, g, lab[va], lab[tr]).items()})
         return out
 
     history = [{"epoch": 0, "train_loss": None, **evaluate(), "seconds": 0.0}]
@@ -255,7 +295,7 @@ def train_encoder(adapters: list[CanonicalAdapter], cfg: TrainConfig, labels: li
         if head is not None:
             head.train()
         losses = []
-        for bidx in _batches(tr, lab, cfg, rng):
+        for bidx in _batches(tr, lab, cfg, rng, grp):
             if len(bidx) < 2:
                 continue
             batch_ads = [adapters[i] for i in bidx]

@@ -20,7 +20,7 @@ from lorasearch.cli_common import ErrorGroup
 from lorasearch.errors import UnavailableError, UsageError
 from lorasearch.results import envelope
 
-SUITES = ("language", "diffusion")
+SUITES = ("language", "language-x", "diffusion")
 
 
 def resolve_device(device: str) -> str:
@@ -43,6 +43,11 @@ def make(suite: str, out, n: int | None = None, seed: int = 0, device: str = "au
         raise UsageError(f"--out {out}: exists and is not a folder")
     dev = resolve_device(device)
     log = lambda msg: click.echo(f"[data {suite}] {msg}", err=True)  # noqa: E731
+    if suite == "language-x":
+        from lorasearch.data.language_x import make_collection as make_x
+        if tasks:
+            raise UsageError("--task applies to the language suite only")
+        return make_x(out, n=n or (12 if tiny else 1500), seed=seed, device=dev, tiny=tiny, log=log)
     if suite == "language":
         from lorasearch.data.language import make_collection
         return make_collection(out, n=n, seed=seed, device=dev, tiny=tiny, tasks=tasks, log=log)
@@ -73,7 +78,7 @@ def data() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the collection into.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--n", type=int, default=None,
-              help="language: gallery adapters per task; diffusion: adapters in all. Default by device.")
+              help="language: gallery adapters per task; language-x, diffusion: adapters in all. Default by device.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tiny", is_flag=True, help="A few adapters in seconds on CPU (what the tests run).")
 @click.option("--task", "tasks", multiple=True, help="language: only these tasks (repeatable).")

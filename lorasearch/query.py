@@ -32,6 +32,30 @@ def default_rerank_depth(k: int) -> int:
     return max(RERANK_FACTOR * k, RERANK_MIN)
 
 
+def ranking_weight(encoder) -> float:
+    """How much the encoder's own cosine counts in the order of ``similar`` results (issue 11).
+
+    0 for a training-free encoder (sketch, baselines): the exact ΔW cosine decides the order, as the
+    embedding only approximates it. A learned encoder (one loaded from a checkpoint, ``.config``)
+    learned an order dense cosine does not know, so its order is kept: the weight ``w`` of the fusion
+    ``w·encoder + (1−w)·exact`` recorded in its config (``retrieval.fusion_weight``, chosen on
+    validation data), else 1 (the encoder's order alone). Match kinds always come from the exact cosine."""
+    config = getattr(encoder, "config", None)
+    if not isinstance(config, dict):
+        return 0.0
+    w = (config.get("retrieval") or {}).get("fusion_weight", 1.0)
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        return 1.0
+    return min(max(w, 0.0), 1.0) if math.isfinite(w) else 1.0
+
+
+def fused_score(embedding, exact, w: float):
+    """The ranking score of a re-scored candidate: ``w·embedding + (1−w)·exact`` (numbers or arrays)."""
+    return exact if w == 0.0 else w * embedding + (1.0 - w) * exact
+
+
 class _QuietFilter(logging.Filter):
     """Drops the reader's records logged by a thread inside ``quiet_reader`` (thread-local, so a
     concurrent ingest in the same process, e.g. under the HTTP service, keeps its warnings)."""
@@ -194,12 +218,18 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
         index.check_encoder(encoder.spec, encoder.version, encoder.dim)
     q_scale_known = bool(getattr(adapter, "scale_known", True))
     n_rerank = default_rerank_depth(k) if rerank is None else rerank
+    w = ranking_weight(encoder)
     budget = RERANK_BYTES if rerank is None else None   # an explicit --rerank N has no budget
     # TIE_MARGIN extra candidates: equal scores (identical ΔW) cut at k by one backend's order
     # and not another's would make results depend on the store; ties go to the smaller id below
     found = index.search(qvec, adapter.family, max(k, n_rerank) + TIE_MARGIN)[0] if recorded else []
     records = index.get_many([rid for rid, _s in found]) if found else {}   # one round trip
     hits, reread = _rescore_candidates(index, adapter, found, records, n_rerank, budget, q_scale_known)
+    for hit in hits:          # the exact ΔW cosine decides match kinds; a learned encoder orders `similar`
+        if hit.reranked:
+            hit.exact_cosine = round(float(hit.score), 6)
+            if hit.match == "similar":
+                hit.score = float(fused_score(hit.embedding_score, float(hit.score), w))
     qpath = str(adapter_root(Path(path)).resolve())
     # re-scored candidates rank above any left out by the re-ranking budget (as eval's SPEC+rerank@N)
     hits.sort(key=lambda h: (MATCH_ORDER[h.match], not h.reranked, -round(h.score, 6), h.path != qpath, h.id))
@@ -217,5 +247,6 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
     info = QueryInfo(path=str(path), sha256=adapter.sha256, format=adapter.format, family=adapter.family,
                      n_modules=len(adapter.modules), encoder=encoder.spec, k=k, threshold=threshold,
                      indexed_in_family=index.count(adapter.family), scale_known=q_scale_known,
-                     reread=reread)
+                     reread=reread,
+                     ranking="exact" if w == 0.0 else "encoder" if w == 1.0 else f"fusion w={w:g}")
     return QueryResult(info, hits)

@@ -63,6 +63,7 @@ class Hit:
     # None when not re-scored. ``score_bound``: |true ΔW cosine − score| ≤ score_bound (0 = exact)
     rescored_from: str | None = None
     score_bound: float = 0.0
+    exact_cosine: float | None = None   # the exact ΔW cosine when re-scored (decides the match kind)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +82,7 @@ class QueryInfo:
     indexed_in_family: int
     scale_known: bool = True
     reread: int = 0               # candidate files opened to re-score (0 when records decided all)
+    ranking: str = "exact"        # how similar results are ordered: exact | encoder | fusion w=W
 
 
 @dataclass
@@ -97,6 +99,9 @@ class QueryResult(_Result):
         reranked = {h.reranked for h in self.hits}
         bounded = any(h.score_bound > 0 for h in self.hits)
         tail = "; some within ± score_bound (from a compact record: --json)" if bounded else ""
+        if self.query.ranking != "exact" and True in reranked:
+            return (f"score: {'learned-encoder cosine' if self.query.ranking == 'encoder' else self.query.ranking + ': w·encoder + (1−w)·exact ΔW cosine'}"
+                    "; exact ΔW cosine (exact_cosine) decides exact/same-update")
         if reranked == {True}:
             return f"score: exact cosine of the weight updates ΔW (1 = same direction){tail}"
         if True in reranked:

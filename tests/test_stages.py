@@ -75,7 +75,7 @@ def test_api_returns_typed_results_that_serialize_like_the_cli(tmp_path, gallery
     assert cli_obj == api_obj and cli_obj["version"] == JSON_VERSION
     assert set(cli_obj["results"][0]) == {"rank", "id", "path", "score", "match", "embedding_score", "reranked",
                                           "family", "format", "sha256", "scale_known", "ranks", "labels",
-                                          "rescored_from", "score_bound"}
+                                          "rescored_from", "score_bound", "exact_cosine"}
     assert isinstance(cli_obj["query"]["scale_known"], bool)
     with Lorasearch(idx) as ls:
         rm = ls.remove([gallery / "a0.safetensors", "nope"])
