@@ -211,6 +211,8 @@ def run(clients: int, queries: int, baseline: int, max_seconds: float, workdir: 
         log.close()
     if "Traceback" in server_log:
         errors.append("server log has a traceback")
+    # the server's own one-line reports of internal errors (500s), so a failed run says why
+    errors.extend(f"server: {ln.strip()}" for ln in server_log.splitlines() if "serve: error:" in ln)
     all_lat = [x for per in lat for x in per]
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
