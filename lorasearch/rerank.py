@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import zipfile
 from dataclasses import dataclass, field
 
@@ -50,6 +51,11 @@ _RESIDUAL_SLACK = 1e-12
 _EIG_FLOOR = 1e-14
 _STORE = {"F16": np.float16, "F32": np.float32}
 
+
+# numpy parses each .npy header with ast.literal_eval; CPython 3.11 can raise "SystemError: AST
+# constructor recursion depth mismatch" when two threads build ASTs at once (seen under the HTTP
+# service's concurrent queries), so records are unpacked one thread at a time (a short section).
+_NPZ_LOCK = threading.Lock()
 
 @dataclass
 class RerankModule:
@@ -94,7 +100,7 @@ class RerankRecord:
     def from_bytes(cls, blob: bytes, where: str = "re-rank record") -> "RerankRecord":
         """Parse a stored record; anything malformed is a ``BadAdapterError`` naming ``where``."""
         try:
-            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            with _NPZ_LOCK, np.load(io.BytesIO(blob), allow_pickle=False) as z:
                 head = json.loads(z["head"].tobytes())
                 flat, w = z["payload"], z["w"]
             if head.get("v") != RECORD_VERSION or head.get("kind") not in ("exact", "svd"):
