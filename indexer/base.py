@@ -23,13 +23,43 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
-from lorasearch.errors import MissingError, UsageError
+from lorasearch.errors import IncompatibleError, MissingError, UsageError
 
 STORES = ("faiss", "milvus")
 CONFIG_FILE = "store.json"
 CONFIG_VERSION = 1
 DEFAULT_COLLECTION = "lorasearch"
 
+
+
+class RecordedEncoderMixin:
+    """The encoder an index was built with, shared by both stores: the first writer records it
+    (``_record_encoder``, store-specific), every later one must match it. Needs ``encoder`` (the
+    recorded ``{"spec", "version", "dim"}`` or None), ``readonly`` and ``root`` on the store."""
+
+    def encoder_spec(self) -> str | None:
+        """The recorded encoder spec (e.g. ``"sketch"``), or None while the index has none."""
+        enc = self.encoder
+        return None if enc is None else enc["spec"]
+
+    @property
+    def dim(self) -> int | None:
+        enc = self.encoder
+        return None if enc is None else enc["dim"]
+
+    def check_encoder(self, spec: str, version: str, dim: int) -> None:
+        """Refuse an encoder other than the one that built the index; the first writer records it."""
+        current = self.encoder
+        if current is None and not self.readonly:
+            self._record_encoder(spec, str(version), int(dim))
+            current = self.encoder
+        if current is None:
+            return          # read-only and empty: nothing to compare with
+        if (current["spec"], current["version"], current["dim"]) != (spec, str(version), int(dim)):
+            raise IncompatibleError(
+                f"{self.root}: index was built with encoder {current['spec']} v{current['version']} "
+                f"(dim {current['dim']}), not {spec} v{version} (dim {dim}); "
+                "use the same --encoder or a separate --index")
 
 @runtime_checkable
 class Store(Protocol):

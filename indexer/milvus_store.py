@@ -50,6 +50,7 @@ from lorasearch.errors import (BadAdapterError, IncompatibleError, IndexLockedEr
                                UnavailableError, UsageError)
 
 from .catalog import RECORD_COLUMNS, RERANK_MAX_BYTES, _dumps, _now
+from .base import RecordedEncoderMixin
 from .lock import LockedWriterMixin, WriterLock
 from .side_blobs import SideBlobs
 
@@ -141,7 +142,7 @@ def _blobs_of(records: list[dict]) -> dict[str, bytes]:
     return out
 
 
-class MilvusStore(LockedWriterMixin):
+class MilvusStore(LockedWriterMixin, RecordedEncoderMixin):
     """Open with ``MilvusStore.open(root, uri=..., collection=..., create=..., readonly=...)``."""
 
     def __init__(self, root: Path, client, uri: str, name: str, readonly: bool, lock_timeout: float,
@@ -281,32 +282,12 @@ class MilvusStore(LockedWriterMixin):
                                  "dim": int(self._meta("dim"))}
         return None if self._encoder is None else dict(self._encoder)
 
-    def encoder_spec(self) -> str | None:
-        enc = self.encoder
-        return None if enc is None else enc["spec"]
-
-    @property
-    def dim(self) -> int | None:
-        enc = self.encoder
-        return None if enc is None else enc["dim"]
-
-    def check_encoder(self, spec: str, version: str, dim: int) -> None:
-        """Refuse an encoder other than the one that built the index; the first writer records it
-        and creates the vector collection (its dim is known only now)."""
-        current = self.encoder
-        if current is None and not self.readonly:
-            with self._mutex, self._writing():
-                if self._meta("encoder_spec") is None:
-                    self._create_collection(int(dim))
-                    self._set_meta({"encoder_spec": spec, "encoder_version": str(version), "dim": int(dim)})
-            current = self.encoder
-        if current is None:
-            return
-        if (current["spec"], current["version"], current["dim"]) != (spec, str(version), int(dim)):
-            raise IncompatibleError(
-                f"{self.root}: index was built with encoder {current['spec']} v{current['version']} "
-                f"(dim {current['dim']}), not {spec} v{version} (dim {dim}); "
-                "use the same --encoder or a separate --index")
+    def _record_encoder(self, spec: str, version: str, dim: int) -> None:
+        """The vector collection is created with the first encoder (its dim is known only now)."""
+        with self._mutex, self._writing():
+            if self._meta("encoder_spec") is None:
+                self._create_collection(dim)
+                self._set_meta({"encoder_spec": spec, "encoder_version": version, "dim": dim})
 
     def _create_collection(self, dim: int) -> None:
         from pymilvus import DataType

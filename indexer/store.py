@@ -52,6 +52,7 @@ from . import catalog as catalog_mod
 from . import segments
 from .catalog import Catalog
 from .gpu import GPU_MAX_K, GpuMirror, resolve_device
+from .base import RecordedEncoderMixin
 from .lock import LockedWriterMixin, WriterLock
 
 CATALOG_FILE = "catalog.sqlite"
@@ -65,7 +66,7 @@ def _resolve(path) -> str:
     return os.path.realpath(os.path.expanduser(os.fspath(path)))
 
 
-class LoraIndex(LockedWriterMixin):
+class LoraIndex(LockedWriterMixin, RecordedEncoderMixin):
     """Open with ``LoraIndex.open(path, create=..., readonly=..., device=...)``."""
 
     def __init__(self, root: Path, catalog: Catalog, readonly: bool, gpu_ordinal: int | None, lock_timeout: float,
@@ -224,34 +225,13 @@ class LoraIndex(LockedWriterMixin):
                                      "dim": int(self.catalog.meta("dim"))}
         return None if self._encoder is None else dict(self._encoder)
 
-    def encoder_spec(self) -> str | None:
-        """The recorded encoder spec (e.g. ``"sketch"``), or None while the index is empty of encoders."""
-        enc = self.encoder
-        return None if enc is None else enc["spec"]
-
-    @property
-    def dim(self) -> int | None:
-        enc = self.encoder
-        return None if enc is None else enc["dim"]
-
-    def check_encoder(self, spec: str, version: str, dim: int) -> None:
-        """Refuse an encoder other than the one that built the index; the first writer records it."""
-        current = self.encoder
-        if current is None and not self.readonly:
-            kinds.validate(self.factory, int(dim))     # refuse before anything is recorded
-            with self._mutex, self._writing(), self.catalog.write():
-                if self.catalog.meta("encoder_spec") is None:
-                    self.catalog.set_meta("encoder_spec", spec)
-                    self.catalog.set_meta("encoder_version", str(version))
-                    self.catalog.set_meta("dim", int(dim))
-            current = self.encoder
-        if current is None:
-            return          # read-only and empty: nothing to compare with
-        if (current["spec"], current["version"], current["dim"]) != (spec, str(version), int(dim)):
-            raise IncompatibleError(
-                f"{self.root}: index was built with encoder {current['spec']} v{current['version']} "
-                f"(dim {current['dim']}), not {spec} v{version} (dim {dim}); "
-                "use the same --encoder or a separate --index")
+    def _record_encoder(self, spec: str, version: str, dim: int) -> None:
+        kinds.validate(self.factory, dim)     # refuse before anything is recorded
+        with self._mutex, self._writing(), self.catalog.write():
+            if self.catalog.meta("encoder_spec") is None:
+                self.catalog.set_meta("encoder_spec", spec)
+                self.catalog.set_meta("encoder_version", version)
+                self.catalog.set_meta("dim", dim)
 
     # -- locking ------------------------------------------------------------------------
 
