@@ -53,7 +53,7 @@ class Encoder:
 # name -> factory(arg or None) -> Encoder ; arg is the text after ':' in a spec like "w2t:PATH"
 _REGISTRY: dict[str, Callable[[str | None], Encoder]] = {}
 
-DEFAULT_ENCODER = "sketch"
+DEFAULT_ENCODER = "auto"
 
 
 def register(name: str):
@@ -96,7 +96,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 # encoder name -> the module that registers it (imported on first use only)
 _BUILTIN = {"sketch": "sketch", "rawcos": "rawcos", "flatvec_pca": "baselines", "w2t": "w2t", "glnet": "glnet",
-            "residual": "residual", "sketchres": "sketch_residual"}
+            "residual": "residual", "sketchres": "sketch_residual", "subspace": "subspace", "auto": "auto"}
 
 
 def _import_builtin(mod: str) -> None:

@@ -16,8 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from lorasearch.errors import BadAdapterError, MissingError, UsageError
 
@@ -27,6 +26,9 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CARD = "CARD.md"
 CURVE = "loss_curve.json"
+
+if TYPE_CHECKING:   # torch is imported where a torch model is made or read: the numpy-only
+    import torch    # encoders (subspace) read their checkpoints without it
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -52,6 +54,8 @@ def save_checkpoint(path, name: str, tensors: dict[str, torch.Tensor], hyperpara
                     version: str = "1", extra: dict | None = None, card: str | None = None,
                     loss_curve: list | None = None) -> Path:
     """Write the folder (created if needed); tensors are saved contiguous, on CPU."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "encoder": name, "version": version, "hyperparameters": hyperparameters}
@@ -65,8 +69,13 @@ def save_checkpoint(path, name: str, tensors: dict[str, torch.Tensor], hyperpara
     return path
 
 
-def read_checkpoint(path, expect: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of a checkpoint folder, with one-line errors for what is wrong."""
+def read_checkpoint(path, expect: str | None = None, numpy: bool = False) -> tuple[dict, dict]:
+    """(config, tensors) of a checkpoint folder, with one-line errors for what is wrong; tensors
+    as torch tensors, or numpy arrays with ``numpy=True`` (torch is then never imported)."""
+    if numpy:
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
     path = Path(path)
     if not path.exists():
         raise MissingError(f"{path}: checkpoint folder does not exist")
