@@ -39,7 +39,7 @@ def _inputs(f):
         click.option("--labels", type=PATH, help="CSV with header name,label[,shots]."),
         click.option("--collection", type=PATH, help="Collection folder with manifest.parquet (instead of the three above)."),
         click.option("--label-column", default=None, help="Manifest column holding the label (default: label/task/superclass)."),
-        click.option("--encoder", "encoders", multiple=True, default=("sketch",), show_default=True,
+        click.option("--encoder", "encoders", multiple=True, default=("auto", "sketch"), show_default=True,
                      help="Encoder spec; repeat to compare several."),
         click.option("--labels-subset", multiple=True, help="Evaluate only these labels (comma-separated or repeated): held-out tasks."),
         click.option("--exclude-labels", multiple=True, help="Leave these labels out (e.g. the ones an encoder was trained on)."),

@@ -243,14 +243,16 @@ def _reranked(es: EvalSet, method: str, done: list[MethodScores]) -> MethodScore
     dense = have.get("dense") or score_methods(es, ["dense"])[0]
     from lorasearch.query import fused_score, ranking_weight
     # as `query`: a learned encoder's order is kept (fusion weight from its checkpoint), sketch re-ranks exactly
-    w = ranking_weight(encoder_for(base_spec, [])) if ":" in base_spec else 0.0
+    # (per query: `auto` keeps a learned order only for the families it routes to a learned encoder)
+    enc = encoder_for(base_spec, []) if (":" in base_spec or base_spec == "auto") else None
+    ws = [ranking_weight(enc, it.family) if enc is not None else 0.0 for it in es.queries]
     S = np.full_like(base.scores, np.nan)
     for qi in range(S.shape[0]):
         row = base.scores[qi]
         ok = np.flatnonzero(~np.isnan(row))
         top = ok[np.argsort(-row[ok], kind="stable")[:n_top]]
         S[qi, ok] = row[ok] - 10.0          # below every re-scored candidate (cosines are ≥ -1)
-        S[qi, top] = fused_score(row[top], dense.scores[qi, top], w)
+        S[qi, top] = fused_score(row[top], dense.scores[qi, top], ws[qi])
     seconds = base.seconds + (time.perf_counter() - t0) + dense.seconds * min(1.0, n_top / max(1, S.shape[1]))
     return MethodScores(method, "encoder", f"{base.spec}+rerank@{n_top}", S, seconds, base.embeddings)
 

@@ -129,7 +129,7 @@ def _report_errors(report) -> None:
 
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
+@click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `auto`: the shipped learned encoder for MiniLM, the sketch for every other family).")
 @click.option("--prune", is_flag=True, help="Also remove indexed adapters under DIR that no longer exist.")
 @_factory_option
 @click.option("--ray", "use_ray", is_flag=True, help="Read and encode on Ray workers (a local Ray unless an address is given).")
@@ -166,7 +166,7 @@ def index(ctx, directory, encoder, prune, faiss_factory, use_ray, ray_address, r
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `sketch`).")
+@click.option("--encoder", default=None, help="Encoder spec (default: the index's, or `auto`: the shipped learned encoder for MiniLM, the sketch for every other family).")
 @_factory_option
 @click.option("--json", "as_json", is_flag=True)
 @global_options

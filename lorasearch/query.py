@@ -32,14 +32,18 @@ def default_rerank_depth(k: int) -> int:
     return max(RERANK_FACTOR * k, RERANK_MIN)
 
 
-def ranking_weight(encoder) -> float:
+def ranking_weight(encoder, family: str | None = None) -> float:
     """How much the encoder's own cosine counts in the order of ``similar`` results (issue 11).
 
     0 for a training-free encoder (sketch, baselines): the exact ΔW cosine decides the order, as the
     embedding only approximates it. A learned encoder (one loaded from a checkpoint, ``.config``)
     learned an order dense cosine does not know, so its order is kept: the weight ``w`` of the fusion
     ``w·encoder + (1−w)·exact`` recorded in its config (``retrieval.fusion_weight``, chosen on
-    validation data), else 1 (the encoder's order alone). Match kinds always come from the exact cosine."""
+    validation data), else 1 (the encoder's order alone). Match kinds always come from the exact cosine.
+    An encoder that routes by family (``auto``) answers for the query's ``family``."""
+    per_family = getattr(encoder, "ranking_weight_for", None)
+    if per_family is not None and family is not None:
+        return per_family(family)
     config = getattr(encoder, "config", None)
     if not isinstance(config, dict):
         return 0.0
@@ -218,7 +222,7 @@ def run_query(index, encoder, path: str | os.PathLike, k: int = 10, threshold: f
         index.check_encoder(encoder.spec, encoder.version, encoder.dim)
     q_scale_known = bool(getattr(adapter, "scale_known", True))
     n_rerank = default_rerank_depth(k) if rerank is None else rerank
-    w = ranking_weight(encoder)
+    w = ranking_weight(encoder, adapter.family)
     budget = RERANK_BYTES if rerank is None else None   # an explicit --rerank N has no budget
     # TIE_MARGIN extra candidates: equal scores (identical ΔW) cut at k by one backend's order
     # and not another's would make results depend on the store; ties go to the smaller id below

@@ -55,8 +55,9 @@ def pairs():
 
 def test_registered_and_spec_roundtrip():
     assert {"sketch", "rawcos"} <= set(available())
-    enc = get_encoder()
+    enc = get_encoder("sketch")
     assert isinstance(enc, SketchEncoder) and enc.spec == "sketch" and enc.dim == 1024
+    assert get_encoder().spec == "auto"          # the default routes every non-MiniLM family to the sketch
     enc = get_encoder("sketch:dim=256,weighting=raw")
     assert (enc.dim, enc.weighting, enc.spec) == (256, "raw", "sketch:dim=256,weighting=raw")
     assert get_encoder("rawcos").needs_raw and get_encoder("rawcos:dim=128").dim == 128

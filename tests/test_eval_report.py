@@ -37,7 +37,7 @@ def test_report_writes_markdown_json_and_plots(small, tmp_path):
     assert {"ndcg_by_method.png", "ndcg_by_shots.png", "invariance_minilm.png", "pca_sketch_minilm.png"} <= names
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "report" and set(res) >= {"retrieval", "probe", "invariance"}
-    assert set(res["retrieval"]["methods"]) == {"sketch", "dense", "rawcos"}
+    assert set(res["retrieval"]["methods"]) == {"auto", "sketch", "dense", "rawcos"}
     assert res["probe"]["methods"]["sketch"]["seeds"] == 2
     assert "## Headline table" in md and "| sketch |" in md
     assert r.stdout.startswith("| method | NDCG@10 | Hit@1 | mAP@10 | Recall@10 |")

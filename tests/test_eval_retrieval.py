@@ -114,8 +114,10 @@ def test_cli_end_to_end_json(evalset):
     assert obj["version"] == 1 and obj["kind"] == "retrieval"
     assert obj["n_gallery"] == 20 and obj["n_queries"] == 8
     # by default: what `lorasearch query` returns (re-ranked at query's depth), the bare encoder beside it
-    assert list(obj["methods"]) == ["sketch+rerank@50", "sketch", "dense", "rawcos"]
+    # (default encoders: `auto`, what `index` uses, and the training-free sketch beside it)
+    assert list(obj["methods"]) == ["auto+rerank@50", "auto", "sketch+rerank@50", "sketch", "dense", "rawcos"]
     m = obj["methods"]
+    assert m["auto+rerank@50"]["overall"]["ndcg@10"] == pytest.approx(m["dense"]["overall"]["ndcg@10"])
     # 20 gallery adapters < depth 50: every candidate is re-scored exactly, so it ranks as dense does
     assert m["sketch+rerank@50"]["overall"]["ndcg@10"] == pytest.approx(m["dense"]["overall"]["ndcg@10"])
     assert m["sketch+rerank@50"]["overall"]["ndcg@10"] >= m["sketch"]["overall"]["ndcg@10"]
@@ -133,9 +135,11 @@ def test_cli_end_to_end_json(evalset):
 def test_cli_rerank_depth_option(evalset):
     base = ("retrieval", "--gallery", evalset / "gallery", "--queries", evalset / "queries",
             "--labels", evalset / "labels.csv", "--no-references", "--json")
-    assert list(json.loads(_cli(*base, "--rerank", "0").stdout)["methods"]) == ["sketch"]
-    assert list(json.loads(_cli(*base, "--rerank", "3").stdout)["methods"]) == ["sketch+rerank@3", "sketch"]
-    assert list(json.loads(_cli(*base, "-k", "20").stdout)["methods"]) == ["sketch+rerank@100", "sketch"]
+    assert list(json.loads(_cli(*base, "--rerank", "0").stdout)["methods"]) == ["auto", "sketch"]
+    assert list(json.loads(_cli(*base, "--rerank", "3", "--encoder", "sketch").stdout)["methods"]) == [
+        "sketch+rerank@3", "sketch"]
+    assert list(json.loads(_cli(*base, "-k", "20").stdout)["methods"]) == [
+        "auto+rerank@100", "auto", "sketch+rerank@100", "sketch"]
     # --device after the subcommand is the group's --device
     assert _cli(*base, "--rerank", "0", "--device", "cpu").exit_code == 0
 

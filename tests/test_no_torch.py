@@ -36,8 +36,11 @@ def torch_flag(stderr: str) -> str:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("lib")
     paths = []
-    for i, (fmt, dt) in enumerate([("kohya", "F16"), ("kohya", "BF16"), ("peft", "F32"), ("kohya", "F16")]):
-        ad = random_adapter("sd15", rank=4, seed=i, targets=r"attn2\.to_[kv]")
+    # the default `auto` encoder: SD files go to the sketch, the MiniLM one to subspace:minilm-x
+    for i, (fmt, dt, arch) in enumerate([("kohya", "F16", "sd15"), ("kohya", "BF16", "sd15"), ("peft", "F32", "minilm"),
+                                         ("kohya", "F16", "sd15")]):
+        targets = r"attention\.self\.(query|value)$" if arch == "minilm" else r"attn2\.to_[kv]"
+        ad = random_adapter(arch, rank=4, seed=i, targets=targets)
         p = root / (f"a{i}" if fmt == "peft" else f"a{i}.safetensors")
         write_adapter(ad, p, fmt, dtype=dt)
         paths.append(p)
@@ -50,7 +53,7 @@ def test_default_commands_never_import_torch(files, tmp_path):
     extra = paths[3]
     hidden = tmp_path / "extra.safetensors"
     os.replace(extra, hidden)                 # added later with `add`
-    steps = [("index", str(root)), ("query", str(paths[0]), "-k", "3"), ("add", str(hidden)),
+    steps = [("index", str(root)), ("query", str(paths[0]), "-k", "3"), ("query", str(paths[2]), "-k", "3"), ("add", str(hidden)),
              ("query", str(paths[1]), "--json"), ("info", str(paths[1])), ("stats",), ("remove", str(hidden))]
     for args in steps:
         p = run(*args, index=index)

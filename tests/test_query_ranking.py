@@ -120,3 +120,23 @@ def test_ranking_weight_rules():
     assert ranking_weight(NormAngle(7.0)) == 1.0                  # clipped into [0, 1]
     assert fused_score(0.2, 0.8, 0.0) == 0.8
     np.testing.assert_allclose(fused_score(np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.25), [0.25, 0.75])
+
+
+def test_default_auto_index_records_the_routed_checkpoint_and_keeps_match_kinds(tmp_path, folder):
+    """The default (`auto`) sends MiniLM adapters to the shipped subspace encoder: the index records
+    `auto` with that checkpoint's digest; `query` uses the checkpoint's fusion weight; the exact ΔW
+    cosine still decides exact / same-update."""
+    from lorasearch.encoders import get_encoder
+
+    with Lorasearch(tmp_path / "idx", create=True) as ls:
+        ls.index_dir(folder)
+        res = ls.query(folder / "q.safetensors", k=10)
+        recorded = ls.index.encoder
+    sub = get_encoder("subspace:minilm-x")
+    assert recorded["spec"] == "auto" and recorded["dim"] == 1024
+    assert f"minilm=subspace:minilm-x@{sub.version}" in recorded["version"]
+    w = sub.config["retrieval"]["fusion_weight"]
+    assert res.query.encoder == "auto" and res.query.ranking == ("exact" if w == 0 else f"fusion w={w:g}")
+    assert [(n, h.match) for n, h in zip(_names(res), res.hits)][:2] == [("q.safetensors", "exact"),
+                                                                        ("copy", "same-update")]
+    assert _names(res)[2] == "near.safetensors"       # dense cos ≈ 0.95: first of the similar ones

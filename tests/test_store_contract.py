@@ -246,7 +246,7 @@ def test_cli_index_query_match_kinds(idx, gallery, tmp_path):
     assert out["results"][0]["match"] == "same-update" and out["results"][0]["path"].endswith("ad3.safetensors")
     assert out["results"][1]["match"] == "similar"
     st = json.loads(run(idx, "stats", "--json").stdout)
-    assert st["count"] == 6 and st["families"] == {"minilm": 6} and st["encoder"]["spec"] == "sketch"
+    assert st["count"] == 6 and st["families"] == {"minilm": 6} and st["encoder"]["spec"] == "auto"
 
 
 def test_cli_incremental_prune_add_remove(idx, gallery):
