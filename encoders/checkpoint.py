@@ -112,6 +112,25 @@ def shipped() -> list[str]:
     return sorted(p.name.replace("-", ":", 1) for p in SHIPPED.iterdir() if (p / CONFIG).is_file())
 
 
+def resolve(name: str, arg: str) -> Path:
+    """The folder ``arg`` names: a path, or a bare name of a shipped checkpoint (``minilm-x`` for
+    ``SHIPPED/NAME-minilm-x``)."""
+    path = Path(arg)
+    if not path.exists() and "/" not in arg and (SHIPPED / f"{name}-{arg}").is_dir():
+        path = SHIPPED / f"{name}-{arg}"
+    return path
+
+
+def identity(path: Path, arg: str) -> tuple[str, str]:
+    """(what the index records as the checkpoint, the weights' digest). The recorded spec is a
+    shipped name as given, any other folder as an absolute path, so an index built from one working
+    directory is usable from another; the digest in the version makes an index notice a retrained
+    checkpoint at the same path."""
+    digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:12]
+    shipped_name = path.parent == SHIPPED and "/" not in arg
+    return (arg if shipped_name else str(path.resolve())), digest
+
+
 def load_model(path, expect: str | None = None) -> tuple[torch.nn.Module, dict]:
     config, tensors = read_checkpoint(path, expect)
     model_cls, _ = model_classes(config["encoder"])
@@ -129,21 +148,14 @@ def load_encoder(name: str, arg: str | None, device: str = "auto"):
     if not arg:
         raise UsageError(f"encoder {name!r} needs a trained checkpoint: --encoder {name}:PATH "
                          f"(train one with `lorasearch train --encoder {name}`)")
-    path = Path(arg)
-    if not path.exists() and "/" not in arg and (SHIPPED / f"{name}-{arg}").is_dir():
-        path = SHIPPED / f"{name}-{arg}"
+    path = resolve(name, arg)
     if not path.exists():
         have = [s for s in shipped() if s.startswith(name + ":")]
         raise MissingError(f"{arg}: checkpoint folder does not exist"
                            + (f" (shipped: {', '.join(have)})" if have else ""))
     model, config = load_model(path, expect=name)
     _, enc_cls = model_classes(name)
-    # the weights' hash in the version: an index notices a retrained checkpoint at the same path
-    digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:12]
-    # the recorded spec: a shipped name as given, any other folder as an absolute path, so an
-    # index built from one working directory is usable from another (and `ck` == `./ck`)
-    shipped_name = path.parent == SHIPPED and "/" not in arg
-    enc = enc_cls(model, path=arg if shipped_name else str(path.resolve()), device=device,
-                  version=f"{config.get('version', '1')}-{digest}")
+    recorded, digest = identity(path, arg)
+    enc = enc_cls(model, path=recorded, device=device, version=f"{config.get('version', '1')}-{digest}")
     enc.config = config
     return enc

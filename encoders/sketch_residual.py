@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -121,24 +120,19 @@ class SketchResidualEncoder(Encoder):
 
 @register("sketchres")
 def _factory(arg: str | None) -> Encoder:
-    import hashlib
-
-    from lorasearch.encoders.checkpoint import SHIPPED, WEIGHTS, read_checkpoint
+    from lorasearch.encoders.checkpoint import WEIGHTS, identity, read_checkpoint, resolve
     from lorasearch.errors import UsageError
 
     if not arg:
         raise UsageError("encoder 'sketchres' needs a checkpoint: --encoder sketchres:PATH")
-    path = Path(arg)
-    if not path.exists() and "/" not in arg and (SHIPPED / f"sketchres-{arg}").is_dir():
-        path = SHIPPED / f"sketchres-{arg}"
+    path = resolve("sketchres", arg)
     config, tensors = read_checkpoint(path, expect="sketchres")
     model = SketchResidual(**config["hyperparameters"])
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError:
         raise BadAdapterError(path / WEIGHTS, "weights do not match config.json") from None
-    digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:12]
-    shipped = path.parent == SHIPPED and "/" not in arg
-    enc = SketchResidualEncoder(model, arg if shipped else str(path.resolve()), f"{config.get('version', '1')}-{digest}")
+    recorded, digest = identity(path, arg)
+    enc = SketchResidualEncoder(model, recorded, f"{config.get('version', '1')}-{digest}")
     enc.config = config
     return enc

@@ -238,7 +238,7 @@ def wccn(X: np.ndarray, labels: np.ndarray, lam: float) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- loading
 def load(path: Path, arg: str) -> SubspaceEncoder:
-    from lorasearch.encoders.checkpoint import SHIPPED, WEIGHTS, read_checkpoint
+    from lorasearch.encoders.checkpoint import WEIGHTS, identity, read_checkpoint
 
     config, t = read_checkpoint(path, expect="subspace", numpy=True)
     hp = config.get("hyperparameters") or {}
@@ -251,19 +251,15 @@ def load(path: Path, arg: str) -> SubspaceEncoder:
         ok = False
     if not ok:
         raise BadAdapterError(path / WEIGHTS, "weights do not match config.json")
-    digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()[:12]
-    shipped = path.parent == SHIPPED and "/" not in arg
-    return SubspaceEncoder(slots, U, V, P, res_dim, beta, path=arg if shipped else str(path.resolve()),
+    recorded, digest = identity(path, arg)
+    return SubspaceEncoder(slots, U, V, P, res_dim, beta, path=recorded,
                            version=f"{config.get('version', VERSION)}-{digest}", config=config)
 
 
 @register("subspace")
 def _factory(arg: str | None) -> Encoder:
-    from lorasearch.encoders.checkpoint import SHIPPED
+    from lorasearch.encoders.checkpoint import resolve
 
     if not arg:
         raise UsageError("encoder 'subspace' needs a checkpoint: --encoder subspace:PATH (shipped: subspace:minilm-x)")
-    path = Path(arg)
-    if not path.exists() and "/" not in arg and (SHIPPED / f"subspace-{arg}").is_dir():
-        path = SHIPPED / f"subspace-{arg}"
-    return load(path, arg)
+    return load(resolve("subspace", arg), arg)

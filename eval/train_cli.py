@@ -17,8 +17,8 @@ FITTED = ("flatvec_pca", "flatvec", "stats_layer", "stats_layer_dense")
 
 
 @click.command("train")
-@click.option("--encoder", "encoder", type=click.Choice(["w2t", "glnet", *FITTED]), default="w2t", show_default=True,
-              help="w2t / glnet are trained; the baselines are fitted (layout, and PCA for flatvec_pca).")
+@click.option("--encoder", "encoder", type=click.Choice(["w2t", "glnet", "subspace", *FITTED]), default="w2t",
+              show_default=True, help="w2t / glnet are trained; subspace and the baselines are fitted (numpy).")
 @click.option("--collection", required=True, type=click.Path(file_okay=False),
               help="Folder with manifest.parquet (id, path, label, role, …).")
 @click.option("--out", required=True, type=click.Path(), help="Checkpoint folder to write.")
@@ -40,13 +40,17 @@ FITTED = ("flatvec_pca", "flatvec", "stats_layer", "stats_layer_dense")
               help="Weight of matching embedding cosines to exact ΔW cosines (helps on unseen labels).")
 @click.option("--augment/--no-augment", default=True, show_default=True)
 @click.option("--k", "k", default=200, show_default=True, help="PCA components for flatvec_pca.")
+@click.option("--lam", default=0.6, show_default=True,
+              help="subspace: whitening shrinkage λ (1 = no whitening; 0.6 won on language-x validation).")
 @click.option("--threads", default=None, type=int, help="torch CPU threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 def train(encoder, collection, out, objective, epochs, batch_size, lr, weight_decay, seed, device, val_frac,
-          patience, label_column, target, roles, holdout, hidden, distill, augment, k, threads, as_json):
+          patience, label_column, target, roles, holdout, hidden, distill, augment, k, lam, threads, as_json):
     """Train ENCODER on a collection and write a checkpoint folder usable as --encoder NAME:OUT."""
     try:
-        if encoder in FITTED:
+        if encoder == "subspace":
+            summary = _fit_subspace(collection, out, roles, holdout, label_column, lam, device)
+        elif encoder in FITTED:
             summary = _fit_baseline(encoder, collection, out, roles, holdout, label_column, k, seed, device)
         else:
             from lorasearch.encoders.train import TrainConfig, train_collection
@@ -81,3 +85,31 @@ def _fit_baseline(name, collection, out, roles, holdout, label_column, k, seed, 
     enc.save(out, card=f"# {name}\n\nFitted by `lorasearch train --encoder {name}` on `{collection}` "
                        f"({len(rows)} adapters, family {enc.family}); dim {enc.dim}.\n")
     return {"n_train": len(rows), "families": [enc.family], "dim": enc.dim, "final": {}}
+
+
+def _fit_subspace(collection, out, roles, holdout, label_column, lam, device) -> dict:
+    """The subspace encoder fitted on every adapter of the collection that learned (rows marked
+    ``learned: false`` have no task to whiten against), one base-model family."""
+    import numpy as np
+
+    from lorasearch.encoders.subspace import fit
+    from lorasearch.encoders.train import load_collection
+    from lorasearch.errors import UsageError
+    from lorasearch.similarity import factors
+
+    canon, labels, _, rows = load_collection(collection, label_column, tuple(roles), tuple(holdout), None, device)
+    keep = [i for i, r in enumerate(rows) if r.get("learned") is not False]
+    fams = sorted({canon[i].family for i in keep})
+    if len(fams) != 1:
+        raise UsageError(f"{collection}: subspace fits one base-model family at a time (found {', '.join(fams) or 'none'})")
+    lab = np.array([labels[i] for i in keep])
+    if len(set(lab.tolist())) < 2:
+        raise UsageError(f"{collection}: subspace needs at least two labels in {label_column!r} to whiten against")
+    enc = fit([factors(canon[i]) for i in keep], lab, np.arange(len(keep)), lam=lam)
+    extra = {"families": fams, "retrieval": {"fusion_weight": 0.0, "depth": 50},
+             "training": {"collection": str(collection), "adapters": len(keep), "label_column": label_column,
+                          "labels": sorted(set(lab.tolist())), "lambda": lam, "holdout": list(holdout)}}
+    enc.save(out, extra=extra, card=f"# subspace\n\nFitted by `lorasearch train --encoder subspace` on `{collection}` "
+             f"({len(keep)} adapters, {len(set(lab.tolist()))} labels in {label_column!r}, family {fams[0]}, λ = {lam}); "
+             f"dim {enc.dim}. `query` re-ranks its candidates by the exact ΔW cosine (fusion weight 0).\n")
+    return {"n_train": len(keep), "families": fams, "dim": enc.dim, "final": {}}

@@ -166,6 +166,13 @@ def test_train_command_writes_a_usable_checkpoint(tmp_path):
                                    "--out", str(tmp_path / "pca"), "--k", "4"])
     assert r.exit_code == 0, r.output
     assert get_encoder(f"flatvec_pca:{tmp_path / 'pca'}").encode(canonicalize_many(ads[:2], device="cpu")).shape == (2, 4)
+    r = CliRunner().invoke(train, ["--encoder", "subspace", "--collection", str(tmp_path / "coll"),
+                                   "--out", str(tmp_path / "sub"), "--json"])
+    assert r.exit_code == 0, r.output
+    sub = get_encoder(f"subspace:{tmp_path / 'sub'}")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n_train"] == 18 and sub.config["families"] == ["minilm"]
+    E, _ = sub.embed(ads[:3])
+    assert E.shape == (3, 1024) and np.allclose(np.linalg.norm(E, axis=1), 1.0, atol=1e-5)
     r = CliRunner().invoke(train, ["--collection", str(tmp_path / "nope"), "--out", str(out)])
     assert r.exit_code == 66 and "no manifest" in r.stderr
 
