@@ -55,7 +55,8 @@ def slot_key(name: str, out: int, inn: int) -> str:
 
 
 def _sq_norm(L: np.ndarray, R: np.ndarray) -> float:
-    return max(0.0, float(np.sum((L.T @ L) * (R.T @ R))))
+    v = float(np.sum((L.T @ L) * (R.T @ R)))
+    return v if v != v else max(0.0, v)     # NaN stays NaN: `embed` refuses the adapter
 
 
 class SubspaceEncoder(Encoder):
@@ -116,7 +117,7 @@ class SubspaceEncoder(Encoder):
                 rest.append(LoraModule(name, Rr.T.astype(np.float32), Lr.astype(np.float32), 1.0, shape=(out, inn)))
         return x, rest, total, res
 
-    def _embed_factors(self, fac: dict) -> np.ndarray:
+    def _embed_factors(self, fac: dict, path: str = "") -> np.ndarray:
         x, rest, total, res = self.features(fac)
         out = np.zeros(self.dim)
         if total <= 0.0 or not np.isfinite(total):
@@ -128,7 +129,7 @@ class SubspaceEncoder(Encoder):
         if nz > 0:
             out[:self.P.shape[1]] = z / nz * np.sqrt(min(inside / total, 1.0))
         if self.res_dim and res > 0 and rest:
-            vec, _n = self._residual_sketch()._embed_one(LoraAdapter("residual", "memory", "", "", rest))
+            vec, _n = self._residual_sketch()._embed_one(LoraAdapter(path or "residual", "memory", "", "", rest))
             nv = float(np.linalg.norm(vec))
             if nv > 0:
                 out[self.P.shape[1]:] = vec / nv * np.sqrt(res / total)
@@ -147,7 +148,7 @@ class SubspaceEncoder(Encoder):
         for a in adapters:
             fac = _factors(a)
             with np.errstate(over="ignore", invalid="ignore"):
-                v = self._embed_factors(fac)
+                v = self._embed_factors(fac, a.path)
                 n = float(np.sqrt(sum(_sq_norm(L, R) for L, R in fac.values())))
             if not (np.isfinite(n) and np.all(np.isfinite(v))):
                 raise BadAdapterError(a.path, f"factor values too large: ΔW overflows (‖ΔW‖_F = {n:.3g}); "

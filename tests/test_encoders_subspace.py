@@ -181,3 +181,17 @@ def test_auto_routes_minilm_to_the_shipped_subspace_and_the_rest_to_the_sketch()
     assert auto.ranking_weight_for("minilm") == sub.config["retrieval"]["fusion_weight"]
     with pytest.raises(UsageError):
         get_encoder("auto:x")
+
+
+def test_hostile_values_fail_with_the_file_named(fitted):
+    """Factors whose products overflow float32 in the residual sketch, or NaN: one-line error naming
+    the adapter's file, never a vector with inf/NaN in the index."""
+    ad = random_adapter("minilm", rank=4, seed=5, targets=QV)
+    big = dataclasses.replace(ad, path="/data/big.safetensors",
+                              modules=[dataclasses.replace(m, B=m.B * np.float32(1e30)) for m in ad.modules])
+    with pytest.raises(BadAdapterError, match="big.safetensors"):
+        fitted.embed([big])
+    nan = dataclasses.replace(ad, path="/data/nan.safetensors",
+                              modules=[dataclasses.replace(m, A=m.A * np.float32(np.nan)) for m in ad.modules])
+    with pytest.raises(BadAdapterError, match="nan.safetensors"):
+        fitted.embed([nan])
