@@ -1,7 +1,10 @@
 """The web page in a real browser: headless Chromium (Debian `chromium` + `chromium-driver`, installed
 by .ci/run) driven by selenium against a live `lorasearch serve` on a free loopback port. Uploads a
 demo PEFT adapter, checks the result table's top hits and match kinds, opens a row's details, the
-"similar" view and the browse view, and saves eval/results/serve_screenshot.png."""
+"similar" view and the browse view, and takes a screenshot: into the temp folder, or where
+LORASEARCH_SCREENSHOT says (the README's is made with
+``LORASEARCH_SCREENSHOT=eval/results/serve_screenshot.png python -m pytest tests/test_browser.py``),
+so running the suite leaves the working tree untouched."""
 from __future__ import annotations
 
 import os
@@ -18,7 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo" / "gallery"
-SCREENSHOT = ROOT / "eval" / "results" / "serve_screenshot.png"
+SCREENSHOT = Path(os.environ.get("LORASEARCH_SCREENSHOT")
+                  or Path(os.environ.get("TMPDIR", "/tmp")) / f"lorasearch-serve-{os.getpid()}.png")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -143,6 +147,8 @@ def test_upload_shows_the_expected_hits_then_similar_and_browse(server, browser)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
+    if not os.environ.get("LORASEARCH_SCREENSHOT"):
+        SCREENSHOT.unlink()
 
     # a bad file: the API's one-line reason is shown
     bad = Path(os.environ.get("TMPDIR", "/tmp")) / f"lorasearch-browser-bad-{os.getpid()}.safetensors"
