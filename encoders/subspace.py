@@ -42,6 +42,9 @@ from lorasearch.errors import BadAdapterError, UsageError
 from lorasearch.types import LoraAdapter, LoraModule
 
 VERSION = "1"
+# what `fit` may hold: the per-slot left/right moment matrices, and the features it whitens densely
+MAX_MOMENT_BYTES = 2 << 30
+MAX_FEATURES = 8192
 
 
 def _factors(adapter) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
@@ -66,10 +69,13 @@ class SubspaceEncoder(Encoder):
                  beta: float, path: str = "", version: str = VERSION, config: dict | None = None):
         self.slots = list(slots)
         self._index = {s: i for i, s in enumerate(self.slots)}
-        self.U = np.asarray(U, np.float64)       # [n_slots, out, k]
-        self.V = np.asarray(V, np.float64)       # [n_slots, in, k]
+        # per slot: U_s [out, k_s], V_s [in, k_s] (k_s = min(k, out, in)); features k_s² each
+        self.U = [np.asarray(u, np.float64) for u in U]
+        self.V = [np.asarray(v, np.float64) for v in V]
+        sizes = [u.shape[1] * v.shape[1] for u, v in zip(self.U, self.V)]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.P = np.asarray(P, np.float64)       # [n_slots·k², m]
-        self.k = int(self.U.shape[2])
+        self.k = max((u.shape[1] for u in self.U), default=0)
         self.res_dim, self.beta = int(res_dim), float(beta)
         self.dim = int(self.P.shape[1]) + self.res_dim
         self.path, self.version = path, version
@@ -93,8 +99,8 @@ class SubspaceEncoder(Encoder):
         {(name, out, in): (L, R)}. The residual of a known slot (ΔW outside U, V) is weighted by β
         (it is mostly what the collection showed to be noise); modules of no known slot enter whole,
         as the sketch would see them."""
-        k, beta = self.k, self.beta
-        x = np.zeros(len(self.slots) * k * k)
+        beta, off = self.beta, self._offsets
+        x = np.zeros(int(off[-1]))
         rest: list[LoraModule] = []
         total = res = 0.0
         for (name, out, inn), (L, R) in fac.items():
@@ -108,7 +114,7 @@ class SubspaceEncoder(Encoder):
             U, V = self.U[i], self.V[i]
             UL, VR = U.T @ L, V.T @ R                              # [k, r] each
             S = UL @ VR.T
-            x[i * k * k:(i + 1) * k * k] = S.ravel()
+            x[off[i]:off[i + 1]] = S.ravel()
             if beta > 0:
                 # ΔW − UUᵀΔWVVᵀ = (I−UUᵀ)L Rᵀ + UUᵀL ((I−VVᵀ)R)ᵀ: rank ≤ 2r, still factored
                 res += beta ** 2 * max(0.0, sq - float(np.sum(S * S)))
@@ -165,8 +171,12 @@ class SubspaceEncoder(Encoder):
         path.mkdir(parents=True, exist_ok=True)
         # P in float16 halves the shipped file; its rounding (~1e-3 relative) is far below the
         # cosine differences that decide rankings
-        save_file({"U": self.U.astype(np.float32), "V": self.V.astype(np.float32),
-                   "P": self.P.astype(np.float16)}, str(path / "model.safetensors"),
+        if len({u.shape for u in self.U} | {v.shape for v in self.V}) == 1:     # one shape: stacked
+            uv = {"U": np.stack(self.U).astype(np.float32), "V": np.stack(self.V).astype(np.float32)}
+        else:
+            uv = {f"{n}.{i}": a.astype(np.float32) for n, arrs in (("U", self.U), ("V", self.V))
+                  for i, a in enumerate(arrs)}
+        save_file({**uv, "P": self.P.astype(np.float16)}, str(path / "model.safetensors"),
                   metadata={"encoder": self.name, "version": VERSION})
         digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
         config = {"format": 1, "encoder": self.name, "version": VERSION, "weights_sha256": digest,
@@ -185,6 +195,16 @@ def fit(facs: list[dict], labels, train: np.ndarray, k: int = 12, lam: float = 0
     task, e.g. the labelling function). ``slots``: which (name|shape) to learn (default: every
     one some training adapter targets)."""
     train = np.asarray(train)
+    sides = {slot_key(n, o, i): (o, i) for f in (facs[j] for j in train) for (n, o, i) in f}
+    if slots is not None:
+        sides = {key: v for key, v in sides.items() if key in slots}
+    # the fit holds two side×side moments per slot and whitens Σ k_s² features densely: bound both
+    moment_bytes = sum(8 * (o * o + i * i) for o, i in sides.values())
+    D = sum(min(k, o, i) ** 2 for o, i in sides.values())
+    if moment_bytes > MAX_MOMENT_BYTES or D > MAX_FEATURES:
+        raise UsageError(f"subspace fit: {len(sides)} adapted weights need {moment_bytes / 2**30:.1f} GiB of moments "
+                         f"and {D} features (limits {MAX_MOMENT_BYTES / 2**30:.0f} GiB, {MAX_FEATURES}); "
+                         "use a smaller k, or fit on a base model with fewer or narrower adapted weights")
     norms = [np.sqrt(sum(_sq_norm(L, R) for L, R in facs[i].values())) for i in train]
     moments: dict[str, list] = {}
     for i, nrm in zip(train, norms):
@@ -202,12 +222,13 @@ def fit(facs: list[dict], labels, train: np.ndarray, k: int = 12, lam: float = 0
     keys = sorted(moments) if slots is None else [s for s in slots if s in moments]
     if not keys:
         raise UsageError("subspace fit: the training adapters target no module")
-    shapes = {moments[s][0].shape[0] for s in keys} | {moments[s][1].shape[0] for s in keys}
-    if len(shapes) != 1 or min(shapes) < k:
-        raise UsageError(f"subspace fit: slots must share one square shape ≥ k (got {sorted(shapes)})")
-    U = np.stack([np.linalg.eigh(moments[s][0])[1][:, ::-1][:, :k] for s in keys])
-    V = np.stack([np.linalg.eigh(moments[s][1])[1][:, ::-1][:, :k] for s in keys])
-    D = len(keys) * k * k
+    def top(C, n):             # eigenvectors of the n largest eigenvalues, largest first
+        return np.linalg.eigh(C)[1][:, ::-1][:, :n]
+
+    ks = [min(k, moments[s][0].shape[0], moments[s][1].shape[0]) for s in keys]
+    U = [top(moments[s][0], ks[j]) for j, s in enumerate(keys)]
+    V = [top(moments[s][1], ks[j]) for j, s in enumerate(keys)]
+    D = sum(kk * kk for kk in ks)
     enc = SubspaceEncoder(keys, U, V, np.eye(D), 0, 0.0)
     X = np.stack([enc.features(facs[i])[0] / max(n, 1e-300) for i, n in zip(train, norms)])
     T = wccn(X, np.asarray(labels)[train], lam)
@@ -245,9 +266,14 @@ def load(path: Path, arg: str) -> SubspaceEncoder:
     hp = config.get("hyperparameters") or {}
     try:
         slots, res_dim, beta = list(hp["slots"]), int(hp["res_dim"]), float(hp["beta"])
-        U, V, P = t["U"], t["V"], t["P"]
-        ok = (U.ndim == 3 and V.ndim == 3 and P.ndim == 2 and U.shape[0] == V.shape[0] == len(slots)
-              and U.shape[2] == V.shape[2] and P.shape[0] == len(slots) * U.shape[2] ** 2)
+        if "U" in t:
+            U, V = list(t["U"]), list(t["V"])
+        else:
+            U, V = [t[f"U.{i}"] for i in range(len(slots))], [t[f"V.{i}"] for i in range(len(slots))]
+        P = t["P"]
+        ok = (P.ndim == 2 and len(U) == len(V) == len(slots)
+              and all(u.ndim == 2 and v.ndim == 2 and u.shape[1] == v.shape[1] for u, v in zip(U, V))
+              and P.shape[0] == sum(u.shape[1] ** 2 for u in U))
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:

@@ -42,14 +42,17 @@ FITTED = ("flatvec_pca", "flatvec", "stats_layer", "stats_layer_dense")
 @click.option("--k", "k", default=200, show_default=True, help="PCA components for flatvec_pca.")
 @click.option("--lam", default=0.6, show_default=True,
               help="subspace: whitening shrinkage λ (1 = no whitening; 0.6 won on language-x validation).")
+@click.option("--subspace-k", default=12, show_default=True,
+              help="subspace: left/right subspace size per adapted weight (features: k² each).")
 @click.option("--threads", default=None, type=int, help="torch CPU threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
 def train(encoder, collection, out, objective, epochs, batch_size, lr, weight_decay, seed, device, val_frac,
-          patience, label_column, target, roles, holdout, hidden, distill, augment, k, lam, threads, as_json):
+          patience, label_column, target, roles, holdout, hidden, distill, augment, k, lam, subspace_k, threads,
+          as_json):
     """Train ENCODER on a collection and write a checkpoint folder usable as --encoder NAME:OUT."""
     try:
         if encoder == "subspace":
-            summary = _fit_subspace(collection, out, roles, holdout, label_column, lam, device)
+            summary = _fit_subspace(collection, out, roles, holdout, label_column, lam, subspace_k, device)
         elif encoder in FITTED:
             summary = _fit_baseline(encoder, collection, out, roles, holdout, label_column, k, seed, device)
         else:
@@ -87,7 +90,7 @@ def _fit_baseline(name, collection, out, roles, holdout, label_column, k, seed, 
     return {"n_train": len(rows), "families": [enc.family], "dim": enc.dim, "final": {}}
 
 
-def _fit_subspace(collection, out, roles, holdout, label_column, lam, device) -> dict:
+def _fit_subspace(collection, out, roles, holdout, label_column, lam, k, device) -> dict:
     """The subspace encoder fitted on every adapter of the collection that learned (rows marked
     ``learned: false`` have no task to whiten against), one base-model family."""
     import numpy as np
@@ -105,10 +108,10 @@ def _fit_subspace(collection, out, roles, holdout, label_column, lam, device) ->
     lab = np.array([labels[i] for i in keep])
     if len(set(lab.tolist())) < 2:
         raise UsageError(f"{collection}: subspace needs at least two labels in {label_column!r} to whiten against")
-    enc = fit([factors(canon[i]) for i in keep], lab, np.arange(len(keep)), lam=lam)
+    enc = fit([factors(canon[i]) for i in keep], lab, np.arange(len(keep)), k=k, lam=lam)
     extra = {"families": fams, "retrieval": {"fusion_weight": 0.0, "depth": 50},
              "training": {"collection": str(collection), "adapters": len(keep), "label_column": label_column,
-                          "labels": sorted(set(lab.tolist())), "lambda": lam, "holdout": list(holdout)}}
+                          "labels": sorted(set(lab.tolist())), "lambda": lam, "k": k, "holdout": list(holdout)}}
     enc.save(out, extra=extra, card=f"# subspace\n\nFitted by `lorasearch train --encoder subspace` on `{collection}` "
              f"({len(keep)} adapters, {len(set(lab.tolist()))} labels in {label_column!r}, family {fams[0]}, λ = {lam}); "
              f"dim {enc.dim}. `query` re-ranks its candidates by the exact ΔW cosine (fusion weight 0).\n")

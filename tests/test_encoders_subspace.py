@@ -195,3 +195,22 @@ def test_hostile_values_fail_with_the_file_named(fitted):
                               modules=[dataclasses.replace(m, A=m.A * np.float32(np.nan)) for m in ad.modules])
     with pytest.raises(BadAdapterError, match="nan.safetensors"):
         fitted.embed([nan])
+
+
+def test_mixed_shapes_fit_save_load_and_the_size_guard(tmp_path, monkeypatch):
+    """Weights of several shapes (an SD UNet's attention): k_s = min(k, out, in) per weight, the
+    checkpoint stores them one by one; a fit that would not fit in memory is refused up front."""
+    import lorasearch.encoders.subspace as sub
+
+    ads = [random_adapter("sd15", rank=2, seed=s, targets=r"down_blocks\.0\.attentions\.0\..*attn[12]\.to_[qk]$")
+           for s in range(12)]
+    assert len({m.shape for m in ads[0].modules}) > 1
+    lab = np.array([f"c{s % 3}" for s in range(12)])
+    enc = fit([factors(a) for a in ads], lab, np.arange(12), k=4, m=64, res_dim=16)
+    enc.save(tmp_path / "ck")
+    back = get_encoder(f"subspace:{tmp_path / 'ck'}")
+    assert [u.shape for u in back.U] == [u.shape for u in enc.U]
+    assert np.allclose(back.embed(ads[:3])[0], enc.embed(ads[:3])[0], atol=2e-3)
+    monkeypatch.setattr(sub, "MAX_FEATURES", 8)
+    with pytest.raises(UsageError, match="features"):
+        fit([factors(a) for a in ads], lab, np.arange(12), k=4)
