@@ -153,11 +153,12 @@ class SubspaceEncoder(Encoder):
         vecs, norms = [], []
         for a in adapters:
             fac = _factors(a)
+            where = str(getattr(a, "path", None) or getattr(a, "source", None) or "adapter")   # raw or canonical
             with np.errstate(over="ignore", invalid="ignore"):
-                v = self._embed_factors(fac, a.path)
+                v = self._embed_factors(fac, where)
                 n = float(np.sqrt(sum(_sq_norm(L, R) for L, R in fac.values())))
             if not (np.isfinite(n) and np.all(np.isfinite(v))):
-                raise BadAdapterError(a.path, f"factor values too large: ΔW overflows (‖ΔW‖_F = {n:.3g}); "
+                raise BadAdapterError(where, f"factor values too large: ΔW overflows (‖ΔW‖_F = {n:.3g}); "
                                       "cannot embed this adapter")
             vecs.append(v)
             norms.append(n)

@@ -117,6 +117,7 @@ def test_invariances_and_paths_agree(collection, fitted):
     same = dataclasses.replace(ad, modules=mods)
     assert np.allclose(fitted.embed([same])[0][0], v, atol=1e-4)
     assert np.allclose(fitted.encode(canonicalize_many([ad], device="cpu"))[0], v, atol=1e-4)
+    assert np.allclose(fitted.embed(canonicalize_many([ad], device="cpu"))[0][0], v, atol=1e-4)
     assert fitted.embed([ad])[1][0] == pytest.approx(np.sqrt(sum(
         float(np.sum((m.scale * m.B.astype(np.float64) @ m.A) ** 2)) for m in ad.modules)), rel=1e-5)
 
