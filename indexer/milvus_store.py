@@ -53,6 +53,7 @@ from .catalog import RECORD_COLUMNS, RERANK_MAX_BYTES, _dumps, _now
 from .base import RecordedEncoderMixin
 from .lock import LockedWriterMixin, WriterLock
 from .side_blobs import SideBlobs
+from .side_tags import SideTags
 
 LOCK_FILE = "writer.lock"
 INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT")
@@ -166,6 +167,7 @@ class MilvusStore(LockedWriterMixin, RecordedEncoderMixin):
         self._wrote = False
         self.index_type = "FLAT"
         self._side = SideBlobs(root, readonly)    # re-rank records (MiB-sized: beside Milvus, by sha256)
+        self.side_tags = SideTags(root, readonly)  # labels (indexer/tags.py), keyed by adapter id
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
@@ -249,6 +251,7 @@ class MilvusStore(LockedWriterMixin, RecordedEncoderMixin):
                     self._lock_depth = 0
                     self._lock.release()
                 self._side.close()
+                self.side_tags.close()
                 if self.client is not None:
                     self.client.close()
                     self.client = None
@@ -482,6 +485,7 @@ class MilvusStore(LockedWriterMixin, RecordedEncoderMixin):
                 self.client.delete(self.name, ids=sorted(targets))
                 self._wrote = True
                 self._side.drop([s for s in shas if not self.by_sha256(s)])   # no row of that content left
+                self.side_tags.drop(sorted(targets))                             # labels go with the adapter
         return len(targets)
 
     def touch(self, adapter_id: int, size: int | None = None, mtime_ns: int | None = None) -> bool:

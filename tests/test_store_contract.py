@@ -277,6 +277,31 @@ def test_cli_incremental_prune_add_remove(idx, gallery):
     assert res.exit_code == 65 and "bad.safetensors" in res.stderr
 
 
+def test_cli_labels_on_every_store(idx, gallery):
+    """tag / untag / label / query's labels behave alike on both stores (Milvus keeps them in
+    tags.sqlite beside the collection); removing an adapter drops its labels; a re-indexed path keeps them."""
+    assert run(idx, "index", gallery).exit_code == 0
+    assert run(idx, "tag", gallery / "ad0", "style:a", "nsfw").exit_code == 0
+    assert run(idx, "tag", gallery / "ad2", "style:a").exit_code == 0
+    assert json.loads(run(idx, "tag", "--list", "--json").stdout)["labels"] == {"nsfw": 1, "style:a": 2}
+    out = json.loads(run(idx, "query", gallery / "ad0", "--json").stdout)
+    labels = {Path(r["path"]).name: r["labels"] for r in out["results"]}
+    assert labels["ad0"] == ["nsfw", "style:a"] and labels["ad2"] == ["style:a"] and labels["ad4"] == []
+    shutil.copytree(gallery / "ad0", gallery.parent / "ad0-copy")      # not indexed: predicted from ad0
+    pred = json.loads(run(idx, "label", gallery.parent / "ad0-copy", "--json").stdout)
+    assert sorted(pred["labels"]) == ["nsfw", "style:a"] and Path(pred["evidence"][0]["path"]).name == "ad0"
+    assert json.loads(run(idx, "untag", gallery / "ad0", "nsfw", "--json").stdout)["removed"] == 1
+    time.sleep(0.01)                                    # ad2 changes on disk: re-indexed, same id, labels kept
+    write_adapter(random_adapter("minilm", rank=4, seed=77, targets=TARGETS), gallery / "ad2", "peft", dtype="F32")
+    assert run(idx, "index", gallery).exit_code == 0
+    assert json.loads(run(idx, "tag", "--list", "--json").stdout)["labels"] == {"style:a": 2}
+    assert run(idx, "remove", gallery / "ad0").exit_code == 0
+    assert json.loads(run(idx, "tag", "--list", "--json").stdout)["labels"] == {"style:a": 1}
+    assert run(idx, "add", gallery / "ad0").exit_code == 0          # back with a new id: no labels
+    out = json.loads(run(idx, "query", gallery / "ad0", "--json").stdout)
+    assert {Path(r["path"]).name: r["labels"] for r in out["results"]}["ad0"] == []
+
+
 def test_cli_families_and_encoder_refusal(idx, gallery, tmp_path):
     assert run(idx, "index", gallery).exit_code == 0
     sd = tmp_path / "sd.safetensors"
