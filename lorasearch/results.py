@@ -101,7 +101,8 @@ class QueryResult(_Result):
         tail = "; some within ± score_bound (from a compact record: --json)" if bounded else ""
         if self.query.ranking != "exact" and True in reranked:
             return (f"score: {'learned-encoder cosine' if self.query.ranking == 'encoder' else self.query.ranking + ': w·encoder + (1−w)·exact ΔW cosine'}"
-                    "; exact ΔW cosine (exact_cosine) decides exact/same-update")
+                    "; exact ΔW cosine (exact_cosine) decides exact/same-update"
+                    + ("; (e) = embedding cosine, not re-ranked" if False in reranked else ""))
         if reranked == {True}:
             return f"score: exact cosine of the weight updates ΔW (1 = same direction){tail}"
         if True in reranked:

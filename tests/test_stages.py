@@ -232,8 +232,13 @@ def test_query_table_has_a_header_and_says_what_a_score_means(tmp_path, gallery)
     assert lines[1].split() == ["rank", "score", "match", "id", "path"]
     # 3 hits, then what a score means (and, for bare PEFT files whose alpha is unknown, the legend)
     legend = [ln for ln in lines if ln.startswith("[scale unknown]:")]
-    assert len(lines) == 6 + len(legend) and "exact cosine of the weight updates ΔW" in lines[5]
+    # MiniLM under the default `auto`: the shipped checkpoint's fusion, and what still decides match kinds
+    assert len(lines) == 6 + len(legend) and lines[5].startswith("score: fusion w=") and "decides exact" in lines[5]
     assert bool(legend) == any(ln.endswith("[scale unknown]") for ln in lines[2:5])
+    sk = tmp_path / "sk"
+    assert run("--index", sk, "index", gallery, "--encoder", "sketch").exit_code == 0
+    lines = run("--index", sk, "query", gallery / "a0.safetensors", "-k", "3").stdout.splitlines()
+    assert "exact cosine of the weight updates ΔW" in lines[5]
     lines = run("--index", idx, "query", gallery / "a0.safetensors", "-k", "3", "--rerank", "0").stdout.splitlines()
     assert "embedding cosine" in lines[5] and lines[2].split()[2] == "exact"
     assert all(ln.replace("  [scale unknown]", "").endswith("(e)") for ln in lines[3:5])   # not re-ranked: marked

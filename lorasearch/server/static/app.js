@@ -155,8 +155,12 @@ function renderQuery(res, title) {
       el("td", {}, toggleButton(details, r.id))), details);
   }
   const q = res.query;
+  // what the score is: the exact ΔW cosine, or the fusion a learned encoder's checkpoint records
+  const meaning = !q.ranking || q.ranking === "exact" ? "score: exact ΔW cosine"
+    : q.ranking === "encoder" ? "score: learned-encoder cosine"
+    : `score: ${q.ranking.replace("fusion ", "")} · encoder + (1−w) · exact ΔW cosine`;
   const note = `${q.path} · family ${q.family} · format ${q.format} · ${q.indexed_in_family} indexed in this family`
-    + (res.results.length ? "" : " · no results");
+    + (res.results.length ? ` · ${meaning}` : " · no results");
   showTable(title, note, cols, rows);
 }
 
