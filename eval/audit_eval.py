@@ -108,11 +108,14 @@ def similarities(adapters: list[LoraAdapter]) -> dict[str, np.ndarray]:
     from lorasearch.canonical import canonicalize_many
     from lorasearch.encoders import get_encoder
 
-    E = get_encoder("sketch").encode(canonicalize_many(adapters, device="cpu"))
+    canon = canonicalize_many(adapters, device="cpu")
+    E = get_encoder("sketch").encode(canon)
     E = E / np.linalg.norm(E, axis=1, keepdims=True)
+    A = get_encoder("auto").encode(canon)          # the default since issue 11 (MiniLM: subspace:minilm-x)
+    A = A / np.linalg.norm(A, axis=1, keepdims=True)
     Gm = G.gram(adapters)
     d = np.sqrt(np.diag(Gm))
-    return {"sketch": E @ E.T, "exact": Gm / np.outer(d, d), "_features": E}
+    return {"sketch": E @ E.T, "auto": A @ A.T, "exact": Gm / np.outer(d, d), "_features": E}
 
 
 def knn_predict(S: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, k: int = audit.LABEL_K,
@@ -138,7 +141,7 @@ def label_curves(name: str, seeds: int = 5, sizes=(8, 16, 32, 64), probe_epochs:
     S = similarities(adapters)
     classes, y = np.unique(labels, return_inverse=True)
     out = {"collection": name, "n": len(labels), "classes": len(classes), "rows": []}
-    for sim in ("sketch", "exact"):
+    for sim in ("sketch", "auto", "exact"):
         for size in list(sizes) + ["all"]:
             acc, acc_ans, ans, acc_noabst = [], [], [], []
             for seed in range(seeds):
