@@ -32,6 +32,43 @@ DEFAULT_COLLECTION = "lorasearch"
 
 
 
+REQUIRED = ("path", "sha256", "family", "embedding")
+
+
+def resolve_path(path) -> str:
+    """The key a store files a path under: absolute, symlinks resolved (os.path.realpath is ~2x
+    faster than Path.resolve)."""
+    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+
+def checked_records(records, dim: int, root) -> list[tuple[dict, str, str, np.ndarray]]:
+    """The checks every store makes on an upsert before writing anything (so a refused batch
+    leaves the store untouched): required fields, one record per path, a family, a finite
+    embedding of the index's dim. Returns (record, resolved path, family, L2-normalized vector)."""
+    out, seen = [], set()
+    for rec in records:
+        missing = [key for key in REQUIRED if rec.get(key) is None]
+        if missing:
+            raise UsageError(f"{rec.get('path', '<record>')}: record lacks {', '.join(missing)}")
+        path = resolve_path(rec["path"])
+        if path in seen:
+            raise UsageError(f"{path}: appears twice in one upsert")
+        seen.add(path)
+        family = str(rec["family"])
+        if not family:
+            raise UsageError(f"{path}: empty family")
+        vec = np.asarray(rec["embedding"], dtype=np.float32).reshape(-1)
+        if vec.shape[0] != dim:
+            raise IncompatibleError(f"{path}: embedding has dim {vec.shape[0]}, index {root} has dim {dim}")
+        if not np.isfinite(vec).all():
+            raise UsageError(f"{path}: embedding contains NaN or Inf")
+        norm = float(np.linalg.norm(vec))
+        if norm > 0:
+            vec = (vec / norm).astype(np.float32)
+        out.append((rec, path, family, vec))
+    return out
+
+
 class RecordedEncoderMixin:
     """The encoder an index was built with, shared by both stores: the first writer records it
     (``_record_encoder``, store-specific), every later one must match it. Needs ``encoder`` (the

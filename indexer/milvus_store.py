@@ -50,7 +50,7 @@ from lorasearch.errors import (BadAdapterError, IncompatibleError, IndexLockedEr
                                UnavailableError, UsageError)
 
 from .catalog import RECORD_COLUMNS, RERANK_MAX_BYTES, _dumps, _now
-from .base import RecordedEncoderMixin
+from .base import RecordedEncoderMixin, checked_records, resolve_path
 from .lock import LockedWriterMixin, WriterLock
 from .side_blobs import SideBlobs
 from .side_tags import SideTags
@@ -72,8 +72,7 @@ _JSON_FIELDS = ("ranks", "metadata", "info")
 _FINGERPRINT = ("id", "path", "size", "mtime_ns", "sha256", "family")
 
 
-def _resolve(path) -> str:
-    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+_resolve = resolve_path
 
 
 def _path_key(path: str) -> int:
@@ -366,32 +365,14 @@ class MilvusStore(LockedWriterMixin, RecordedEncoderMixin):
 
     def _prepare(self, records: list[dict], dim: int) -> list[tuple[dict, np.ndarray]]:
         """Validate before anything is sent, so a refused record leaves the store untouched."""
-        out, seen = [], set()
-        for rec in records:
-            missing = [key for key in ("path", "sha256", "family", "embedding") if rec.get(key) is None]
-            if missing:
-                raise UsageError(f"{rec.get('path', '<record>')}: record lacks {', '.join(missing)}")
-            path = _resolve(rec["path"])
-            if path in seen:
-                raise UsageError(f"{path}: appears twice in one upsert")
-            seen.add(path)
-            family = str(rec["family"])
-            if not family:
-                raise UsageError(f"{path}: empty family")
+        out = []
+        for rec, path, family, vec in checked_records(records, dim, self.root):
             if any(ord(ch) < 0x20 for ch in family):
                 raise BadAdapterError(path, f"family {family!r} holds control characters")
             try:
                 path.encode("utf-8")
             except UnicodeEncodeError:
                 raise BadAdapterError(path, "its path is not valid UTF-8 (the Milvus store keeps paths as text)") from None
-            vec = np.asarray(rec["embedding"], dtype=np.float32).reshape(-1)
-            if vec.shape[0] != dim:
-                raise IncompatibleError(f"{path}: embedding has dim {vec.shape[0]}, index {self.root} has dim {dim}")
-            if not np.isfinite(vec).all():
-                raise UsageError(f"{path}: embedding contains NaN or Inf")
-            norm = float(np.linalg.norm(vec))
-            if norm > 0:
-                vec = (vec / norm).astype(np.float32)
             row = {"path": path, "path_key": _path_key(path), "sha256": str(rec["sha256"]), "family": family,
                    "format": None if rec.get("format") is None else str(rec["format"]),
                    "size": rec.get("size"), "mtime_ns": rec.get("mtime_ns"),

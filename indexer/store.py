@@ -52,18 +52,13 @@ from . import catalog as catalog_mod
 from . import segments
 from .catalog import Catalog
 from .gpu import GPU_MAX_K, GpuMirror, resolve_device
-from .base import RecordedEncoderMixin
+from .base import RecordedEncoderMixin, checked_records, resolve_path
 from .lock import LockedWriterMixin, WriterLock
 
 CATALOG_FILE = "catalog.sqlite"
 SNAPSHOT_DIR = "faiss"
 LOCK_FILE = "writer.lock"
-REQUIRED = ("path", "sha256", "family", "embedding")
-
-
-def _resolve(path) -> str:
-    """The catalog key: absolute, symlinks resolved (os.path.realpath is ~2x faster than Path.resolve)."""
-    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+_resolve = resolve_path   # the catalog key
 
 
 class LoraIndex(LockedWriterMixin, RecordedEncoderMixin):
@@ -431,26 +426,8 @@ class LoraIndex(LockedWriterMixin, RecordedEncoderMixin):
 
     # -- writes -------------------------------------------------------------------------
     def _prepare(self, records: list[dict], dim: int) -> list[tuple[dict, np.ndarray]]:
-        out, seen = [], set()
-        for rec in records:
-            missing = [key for key in REQUIRED if rec.get(key) is None]
-            if missing:
-                raise UsageError(f"{rec.get('path', '<record>')}: record lacks {', '.join(missing)}")
-            path = _resolve(rec["path"])
-            if path in seen:
-                raise UsageError(f"{path}: appears twice in one upsert")
-            seen.add(path)
-            family = str(rec["family"])
-            if not family:
-                raise UsageError(f"{path}: empty family")
-            vec = np.asarray(rec["embedding"], dtype=np.float32).reshape(-1)
-            if vec.shape[0] != dim:
-                raise IncompatibleError(f"{path}: embedding has dim {vec.shape[0]}, index {self.root} has dim {dim}")
-            if not np.isfinite(vec).all():
-                raise UsageError(f"{path}: embedding contains NaN or Inf")
-            norm = float(np.linalg.norm(vec))
-            if norm > 0:
-                vec = (vec / norm).astype(np.float32)
+        out = []
+        for rec, path, family, vec in checked_records(records, dim, self.root):
             blob = rec.get("rerank")
             if blob is not None:
                 if not isinstance(blob, (bytes, bytearray, memoryview)):
